@@ -1,0 +1,143 @@
+"""The "megamoe" torch.compile backend: prepare (if needed) -> fuse MoE layers -> inner compiler."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from . import hf
+from . import prepare as prep
+from .config import MegaMoEConfig
+from .passes import LayerFusion, fuse_moe_layers, unprepared_moe_weights
+
+log = logging.getLogger("megamoe_compile")
+
+
+@dataclass
+class CompiledGraph:
+    """One FX graph the backend received: what it fused, and the graph after the rewrite."""
+
+    graph_module: fx.GraphModule
+    fusions: list[LayerFusion] = field(default_factory=list)
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+
+class MegaMoEBackend:
+    """A torch.compile backend with its own config; `graphs` records every graph it compiled.
+
+    `torch.compile(model, backend=megamoe_compile.backend(config))`. The registered name
+    "megamoe" builds one from `options=` (config fields; the rest go to inductor) or, without
+    options, from the config the model was prepared with.
+    """
+
+    def __init__(self, config: MegaMoEConfig | None = None, *, run_original: bool = False):
+        self.config = config
+        self.graphs: list[CompiledGraph] = []
+        # explain() sets this: compile and record, but run the graph as traced (no kernels).
+        self._run_original = run_original
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
+                 options: dict[str, Any] | None = None):
+        config, inner_options = MegaMoEConfig.from_options(options, base=self.config)
+        original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if self._run_original else None
+        fusions = self._fuse(gm, config)
+        self.graphs.append(CompiledGraph(gm, fusions))
+        if original is not None:
+            return original.forward
+        return _inner_compile(gm, example_inputs, (config or MegaMoEConfig()).inner_backend, mode, inner_options)
+
+    def _fuse(self, gm: fx.GraphModule, config: MegaMoEConfig | None) -> list[LayerFusion]:
+        if hf.v4_classes() is None:
+            return []
+        _ensure_prepared(gm, config)
+        return fuse_moe_layers(gm)
+
+    @property
+    def fusions(self) -> list[LayerFusion]:
+        return [f for g in self.graphs for f in g.fusions]
+
+
+def backend(config: MegaMoEConfig | None = None, **fields: Any) -> MegaMoEBackend:
+    """A backend object for `torch.compile(..., backend=...)`; fields override `config`'s."""
+    if fields:
+        config = (config or MegaMoEConfig()).replace(**fields)
+    return MegaMoEBackend(config)
+
+
+def megamoe_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
+                    options: dict[str, Any] | None = None):
+    """The registered "megamoe" backend (also the `torch_dynamo_backends` entry point)."""
+    return MegaMoEBackend()(gm, example_inputs, mode=mode, options=options)
+
+
+def _ensure_prepared(gm: fx.GraphModule, config: MegaMoEConfig | None) -> None:
+    """Prepare what the graph needs: re-plan blocks whose config changed, prepare an unprepared model."""
+    if unprepared_moe_weights(gm.graph):
+        root = _module_being_compiled()
+        if root is None:
+            log.warning("megamoe: the graph holds DeepSeek-V4 MoE layers that prepare() has not seen and "
+                        "the model being compiled is not reachable; call megamoe_compile.prepare(model) "
+                        "before compiling. Those layers are left unfused.")
+        else:
+            prep.prepare(root, config or getattr(root, "_megamoe_config", None) or MegaMoEConfig())
+    if config is not None:
+        for node in gm.graph.nodes:
+            block = prep.block_for_weight(t) if (t := _placeholder_tensor(node)) is not None else None
+            if block is not None:
+                prep.replan_block(block, config)
+
+
+def _placeholder_tensor(node: fx.Node):
+    if node.op != "placeholder":
+        return None
+    example = getattr(node.meta.get("grapharg"), "example", None)
+    return example if isinstance(example, torch.Tensor) else None
+
+
+def _module_being_compiled() -> torch.nn.Module | None:
+    """The nn.Module whose forward dynamo is tracing (backend calls happen inside the trace)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        return None
+    if tx is None:
+        return None
+    for value in tx.f_locals.values():
+        if isinstance(value, torch.nn.Module) and hf.find_moe_blocks(value):
+            return value
+    return None
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None,
+                   options: dict[str, Any]) -> Callable:
+    if inner == "inductor":
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = {**list_mode_options(mode), **options} if mode else dict(options)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    if options:
+        raise ValueError(f"megamoe: options {sorted(options)} are neither MegaMoEConfig fields nor "
+                         f"meaningful for inner_backend={inner!r}")
+    if mode in (None, "default"):
+        if inner == "eager":
+            return gm.forward
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend(inner)(gm, example_inputs)
+    if mode == "reduce-overhead":  # CUDA graphs without inductor's code generation
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("cudagraphs")(gm, example_inputs)
+    raise ValueError(f"megamoe: mode={mode!r} needs inner_backend='inductor' (got {inner!r})")

@@ -1,0 +1,111 @@
+"""`MegaMoEConfig`: every choice the library makes, in one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+KERNELS = ("auto", "reference", "deepgemm")
+# "none": the expert weights as the model holds them (reference kernel only, exact).
+# "fp8": FP8 e4m3 weights, one float32 scale per 128x128 block; FP8 activations per 1x128
+#        (DeepGEMM fp8_mega_moe, Hopper).
+# "fp8_fp4": MXFP4 weights (e2m1, UE8M0 scale per 1x32); FP8 activations per 1x32
+#        (DeepGEMM fp8_fp4_mega_moe, Blackwell).
+RECIPES = ("auto", "none", "fp8", "fp8_fp4")
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+EP_MODES = ("none", "local_batch", "shared_batch")
+
+FilterFn = Callable[[torch.nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class MegaMoEConfig:
+    """What to fuse, with which kernel and numerics, and how to compile the rest.
+
+    Layer selection: a MoE layer is fused only if it passes all of `skip_layers` (decoder-layer
+    indices to leave alone), `include`/`exclude` (fnmatch patterns on the MoE block's module name,
+    e.g. ``"model.layers.1?.mlp"``) and `filter_fn(module, name)` (called with the MoE block).
+    """
+
+    kernel: str = "auto"
+    recipe: str = "auto"
+    skip_layers: Sequence[int] = ()
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    filter_fn: FilterFn | None = field(default=None, compare=False)
+    inner_backend: str = "inductor"
+    # DeepGEMM's symmetric buffer holds this many tokens per rank and call; a larger call fails
+    # with a clear error before reaching the kernel.
+    max_tokens_per_rank: int = 8192
+    # Drop the original expert weights once the kernel-ready copy exists (saves memory; the
+    # unfused eager path of those layers then runs the fused op instead).
+    release_original_weights: bool = False
+    # Expert parallelism (several GPUs): "local_batch" = each rank has its own tokens,
+    # "shared_batch" = all ranks hold the same batch and each fuses a slice of it.
+    ep_mode: str = "none"
+    ep_group: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("recipe", self.recipe, RECIPES)
+        _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
+        _check_choice("ep_mode", self.ep_mode, EP_MODES)
+        if self.kernel == "reference" and self.recipe == "auto":
+            pass  # resolved per device in prepare
+        for name in ("skip_layers", "include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int)) or not isinstance(value, Sequence):
+                raise ValueError(
+                    f"MegaMoEConfig.{name} must be a list or tuple, got {type(value).__name__}: {value!r}"
+                )
+            object.__setattr__(self, name, tuple(value))
+        for i in self.skip_layers:
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                raise ValueError(f"MegaMoEConfig.skip_layers must hold decoder-layer indices >= 0, got {i!r}")
+        for p in (*self.include, *self.exclude):
+            if not isinstance(p, str):
+                raise ValueError(f"MegaMoEConfig.include/exclude hold fnmatch patterns (str), got {p!r}")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ValueError("MegaMoEConfig.filter_fn must be callable as filter_fn(module, name) -> bool")
+        if not isinstance(self.max_tokens_per_rank, int) or self.max_tokens_per_rank < 1:
+            raise ValueError(
+                f"MegaMoEConfig.max_tokens_per_rank must be a positive int, got {self.max_tokens_per_rank!r}"
+            )
+        if self.ep_mode == "none" and self.ep_group is not None:
+            raise ValueError("MegaMoEConfig.ep_group is set but ep_mode is 'none'; choose 'local_batch' or 'shared_batch'")
+
+    # -- layer selection -------------------------------------------------------------------
+    def selects(self, module: torch.nn.Module, name: str, layer_index: int | None) -> tuple[bool, str]:
+        """Whether the MoE block `name` is to be fused, and if not, why (for the report)."""
+        if layer_index is not None and layer_index in self.skip_layers:
+            return False, f"skipped by config: layer {layer_index} is in skip_layers"
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False, f"skipped by config: {name!r} matches no include pattern {list(self.include)}"
+        for p in self.exclude:
+            if fnmatch.fnmatchcase(name, p):
+                return False, f"skipped by config: {name!r} matches exclude pattern {p!r}"
+        if self.filter_fn is not None and not self.filter_fn(module, name):
+            return False, "skipped by config: filter_fn returned False"
+        return True, ""
+
+    def replace(self, **changes: Any) -> MegaMoEConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None, base: MegaMoEConfig | None = None):
+        """Split torch.compile `options=` into our fields and the rest (for the inner compiler)."""
+        base = base or cls()
+        ours = {f.name for f in dataclasses.fields(cls)}
+        options = dict(options or {})
+        mine = {k: options.pop(k) for k in list(options) if k in ours}
+        return (dataclasses.replace(base, **mine) if mine else base), options
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"MegaMoEConfig.{name} must be one of {list(allowed)}, got {value!r}")

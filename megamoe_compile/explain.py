@@ -1,0 +1,109 @@
+"""`explain(model, *args, config=None, **kwargs)`: what the backend does to each MoE layer, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backend import CompiledGraph, MegaMoEBackend
+from .config import MegaMoEConfig
+from .prepare import LayerPlan, layer_plans, prepare
+
+
+@dataclass
+class LayerReport:
+    index: int | None
+    name: str
+    fused: bool
+    reason: str
+    router: str  # e.g. "top-k sqrtsoftplus +bias, k=6, scale 1.5" / "hash sqrtsoftplus, k=6"
+    experts: str  # "E x H x I"
+    traced_as: str | None
+    kernel: str | None
+    recipe: str | None
+    original_bytes: int
+    prepared_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MoEReport:
+    """Per MoE layer: fused or not, why, router, experts, kernel; plus the rewritten graphs.
+
+    `str(report)` is a table for people; the fields are for programs.
+    """
+
+    layers: list[LayerReport]
+    graphs: list[CompiledGraph]
+
+    @property
+    def fused(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.fused]
+
+    @property
+    def graph_codes(self) -> list[str]:
+        return [g.code for g in self.graphs]
+
+    def __str__(self) -> str:
+        rows = [("layer", "module", "router", "experts ExHxI", "traced as", "fused", "kernel/recipe", "reason / notes")]
+        for r in self.layers:
+            rows.append((
+                "-" if r.index is None else str(r.index), r.name, r.router, r.experts, r.traced_as or "-",
+                "yes" if r.fused else "no",
+                f"{r.kernel}/{r.recipe}" if r.fused else "-",
+                "; ".join([r.reason] if r.reason else r.notes),
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"MegaMoE: {len(self.fused)} of {len(self.layers)} MoE layers fused, "
+                 f"{len(self.graphs)} graph(s) compiled"]
+        for j, row in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        before = sum(r.original_bytes for r in self.layers)
+        extra = sum(r.prepared_bytes for r in self.layers)
+        lines.append(f"expert weights: {before / 2**20:.1f} MiB in the model, "
+                     f"{extra / 2**20:.1f} MiB kernel-ready copies")
+        return "\n".join(lines)
+
+
+def explain(model: torch.nn.Module, *args, config: MegaMoEConfig | None = None, **kwargs) -> MoEReport:
+    """Prepare `model`, trace it once with the megamoe pass on `args`/`kwargs`, and report.
+
+    The traced graphs are rewritten and recorded but run as traced (eager ops): no inductor code
+    generation and no fused kernels are run.
+    """
+    config = config or getattr(model, "_megamoe_config", None) or MegaMoEConfig()
+    prepare(model, config)
+    be = MegaMoEBackend(config, run_original=True)
+    with torch.no_grad():
+        torch.compile(model, backend=be)(*args, **kwargs)
+    return MoEReport(_layer_reports(layer_plans(model), be), be.graphs)
+
+
+def _layer_reports(plans: list[LayerPlan], be: MegaMoEBackend) -> list[LayerReport]:
+    by_name = {f.name: f for f in be.fusions}
+    reports = []
+    for plan in plans:
+        spec = plan.spec
+        fusion = by_name.get(plan.name)
+        if fusion is None:
+            fused, reason = False, plan.reason or "not in any compiled graph"
+        else:
+            fused, reason = fusion.fused, fusion.reason
+        reports.append(LayerReport(
+            index=plan.layer_index, name=plan.name, fused=fused, reason=reason,
+            router=_router_text(spec) if spec else "?",
+            experts=f"{spec.num_experts}x{spec.hidden}x{spec.intermediate}" if spec else "?",
+            traced_as=fusion.traced_as if fusion else None,
+            kernel=plan.kernel if fused else None, recipe=plan.recipe if fused else None,
+            original_bytes=plan.original_bytes, prepared_bytes=plan.prepared_bytes,
+            notes=list(plan.notes),
+        ))
+    return reports
+
+
+def _router_text(spec) -> str:
+    kind = "top-k" if spec.router == "topk" else "hash"
+    return f"{kind} {spec.scoring_func} k={spec.top_k} x{spec.routed_scaling_factor:g}"

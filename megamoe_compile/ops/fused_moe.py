@@ -1,0 +1,93 @@
+"""The `megamoe::fused_moe` custom op: schema, shape function, and dispatch to a kernel.
+
+One call computes a whole routed-experts MoE layer for the tokens of this rank:
+dispatch -> FFN1 -> clamped SwiGLU -> FFN2 -> weighted combine. The graph pass emits this op;
+which implementation runs is named by its `kernel` argument, fixed when `prepare` built the
+weights for that kernel (their layout depends on it). Kernels register themselves here by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# name -> implementation(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *, recipe,
+#                        routed_scaling_factor, swiglu_limit, group_name) -> Tensor
+_KERNELS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_kernel(name: str):
+    """Decorator: make `fn` the implementation behind ``fused_moe(..., kernel=name)``."""
+
+    def wrap(fn):
+        _KERNELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def kernel_names() -> tuple[str, ...]:
+    return tuple(_KERNELS)
+
+
+@torch.library.custom_op("megamoe::fused_moe", mutates_args=())
+def fused_moe(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w1: torch.Tensor,
+    w1_scale: torch.Tensor | None,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor | None,
+    kernel: str,
+    recipe: str,
+    routed_scaling_factor: float,
+    swiglu_limit: float | None,
+    group_name: str = "",
+) -> torch.Tensor:
+    """Routed experts of one MoE layer.
+
+    x [T, H] (bf16/fp32); topk_idx [T, K] int32 global expert ids; topk_weights [T, K] float32,
+    multiplied by `routed_scaling_factor` inside the op. w1 = gate/up [E, 2I, H] (gate rows first,
+    or the kernel's own layout), w2 = down [E, H, I], in the storage of `recipe` with optional
+    scales. `group_name` names an expert-parallel process group ("" = this process alone).
+    Returns [T, H] in x.dtype.
+    """
+    _check_common(x, topk_idx, topk_weights)
+    try:
+        impl = _KERNELS[kernel]
+    except KeyError:
+        raise ValueError(
+            f"megamoe.fused_moe: unknown kernel {kernel!r}; registered: {sorted(_KERNELS)}"
+        ) from None
+    return impl(
+        x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale,
+        recipe=recipe, routed_scaling_factor=routed_scaling_factor,
+        swiglu_limit=swiglu_limit, group_name=group_name,
+    )
+
+
+@fused_moe.register_fake
+def _(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel, recipe,
+      routed_scaling_factor, swiglu_limit, group_name=""):
+    _check_common(x, topk_idx, topk_weights)
+    return x.new_empty(x.shape)
+
+
+def _check_common(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    torch._check(x.dim() == 2, lambda: f"megamoe.fused_moe: x must be [tokens, hidden], got {tuple(x.shape)}")
+    torch._check(
+        topk_idx.dim() == 2 and topk_idx.shape == topk_weights.shape,
+        lambda: f"megamoe.fused_moe: topk_idx {tuple(topk_idx.shape)} and topk_weights "
+        f"{tuple(topk_weights.shape)} must both be [tokens, top_k]",
+    )
+    torch._check(
+        topk_idx.shape[0] == x.shape[0],
+        lambda: f"megamoe.fused_moe: {x.shape[0]} tokens in x but {topk_idx.shape[0]} in topk_idx",
+    )
+    torch._check(topk_idx.dtype == torch.int32, lambda: f"megamoe.fused_moe: topk_idx must be int32, got {topk_idx.dtype}")
+    torch._check(
+        topk_weights.dtype == torch.float32,
+        lambda: f"megamoe.fused_moe: topk_weights must be float32, got {topk_weights.dtype}",
+    )

@@ -1,0 +1,88 @@
+"""Kernel-ready expert weights: read what the checkpoint holds, convert to the recipe's storage,
+lay it out for the kernel. Runs once per layer, at load time (`prepare`), never per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import quant
+
+
+@dataclass
+class KernelWeights:
+    """The four weight arguments of `megamoe.fused_moe` for one layer."""
+
+    w1: torch.Tensor
+    w1_scale: torch.Tensor | None
+    w2: torch.Tensor
+    w2_scale: torch.Tensor | None
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"w1": self.w1, "w1_scale": self.w1_scale, "w2": self.w2, "w2_scale": self.w2_scale}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
+
+
+# Attribute names transformers' fine-grained FP8 experts use for the dequantization scales.
+_SCALE_NAMES = ("{}_scale_inv", "{}_scale", "{}_weight_scale_inv")
+
+
+def source_weights(experts: torch.nn.Module, weight_format: str) -> KernelWeights:
+    """The experts' weights as stored: dense, FP8 blocks with scales, or packed MXFP4 with scales."""
+    w1, w2 = experts.gate_up_proj, experts.down_proj
+    if weight_format == "dense":
+        return KernelWeights(w1, None, w2, None)
+    s1, s2 = (_find_scale(experts, n) for n in ("gate_up_proj", "down_proj"))
+    return KernelWeights(w1, s1, w2, s2)
+
+
+def _find_scale(experts: torch.nn.Module, name: str) -> torch.Tensor:
+    for pattern in _SCALE_NAMES:
+        scale = getattr(experts, pattern.format(name), None)
+        if isinstance(scale, torch.Tensor):
+            return scale
+    raise ValueError(f"{type(experts).__name__}.{name} is quantized but no scale tensor was found "
+                     f"(looked for {[p.format(name) for p in _SCALE_NAMES]})")
+
+
+def to_recipe(src: KernelWeights, weight_format: str, recipe: str) -> KernelWeights:
+    """Convert source weights to the recipe's storage in the plain [gate; up] layout."""
+    if recipe == "none":
+        if weight_format != "dense":
+            raise ValueError(f"recipe 'none' needs dense expert weights, the checkpoint holds {weight_format}")
+        return src
+    pairs = [(src.w1, src.w1_scale), (src.w2, src.w2_scale)]
+    if recipe == "fp8":
+        if weight_format == "dense":
+            out = [quant.quantize_fp8_blocks(w) for w, _ in pairs]
+        elif weight_format == "fp8":
+            out = [(w, s.float()) for w, s in pairs]
+        else:  # FP4 checkpoint on Hopper: no FP4 tensor cores, expand to FP8 blocks once
+            out = [quant.mxfp4_to_fp8_blocks(w, _as_e8m0(s)) for w, s in pairs]
+    elif recipe == "fp8_fp4":
+        if weight_format == "dense":
+            out = [quant.quantize_mxfp4(w) for w, _ in pairs]
+        elif weight_format == "mxfp4":
+            out = [(w.view(torch.int8), _as_e8m0(s)) for w, s in pairs]
+        else:
+            out = [quant.fp8_blocks_to_mxfp4(w, s.float()) for w, s in pairs]
+    else:
+        raise ValueError(f"unknown recipe {recipe!r}")
+    (w1, s1), (w2, s2) = out
+    return KernelWeights(w1, s1, w2, s2)
+
+
+def _as_e8m0(scale: torch.Tensor) -> torch.Tensor:
+    """UE8M0 exponents as uint8, from either raw exponent bytes or float powers of two."""
+    if scale.dtype == torch.uint8:
+        return scale
+    if scale.dtype == torch.int8:
+        return scale.view(torch.uint8)
+    if hasattr(torch, "float8_e8m0fnu") and scale.dtype == torch.float8_e8m0fnu:
+        return scale.view(torch.uint8)
+    exponent = torch.log2(scale.float()).round()
+    return (exponent + 127).clamp(0, 254).to(torch.uint8)

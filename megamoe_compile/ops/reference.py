@@ -1,0 +1,66 @@
+"""Reference kernel: the fused MoE in plain torch, on any device.
+
+Recipe "none" computes what Hugging Face's experts code computes (matmuls in the activation
+dtype). Recipes "fp8" and "fp8_fp4" emulate DeepGEMM's numerics: weights as stored, activations
+fake-quantized per group before each GEMM, so the CPU shows the accuracy the GPU kernel will have.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import quant
+from .fused_moe import register_kernel
+
+# recipe -> (activation group along K, power-of-two activation scales)
+_ACTIVATION_GROUPS = {"fp8": (128, False), "fp8_fp4": (32, True)}
+
+
+def expert_weight(w: torch.Tensor, scale: torch.Tensor | None, recipe: str, e: int) -> torch.Tensor:
+    """Expert `e`'s weight [N, K] as a float tensor, dequantized from the recipe's storage."""
+    if recipe == "none":
+        return w[e]
+    if recipe == "fp8":
+        return quant.dequantize_fp8_blocks(w[e], scale[e])
+    if recipe == "fp8_fp4":
+        return quant.dequantize_mxfp4(w[e], scale[e])
+    raise ValueError(f"reference kernel: unknown recipe {recipe!r}")
+
+
+def _activations(x: torch.Tensor, recipe: str) -> torch.Tensor:
+    if recipe == "none":
+        return x
+    group, pow2 = _ACTIVATION_GROUPS[recipe]
+    return quant.fake_quantize_fp8_groups(x.float(), group, power_of_two_scale=pow2)
+
+
+@register_kernel("reference")
+def reference_fused_moe(
+    x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
+    recipe, routed_scaling_factor, swiglu_limit, group_name,
+):
+    if group_name:
+        raise NotImplementedError("reference kernel: expert parallelism needs the DeepGEMM kernel")
+    num_experts = w1.shape[0]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0:
+        return out.to(x.dtype)
+    weights = topk_weights * routed_scaling_factor
+    compute_dtype = x.dtype if recipe == "none" else torch.float32
+    # One pass per expert that some token picked: only those weights are read (and dequantized).
+    for e in torch.unique(topk_idx).tolist():
+        if not 0 <= e < num_experts:
+            raise ValueError(f"reference kernel: expert id {e} outside [0, {num_experts})")
+        token, slot = torch.where(topk_idx == e)
+        h = F.linear(_activations(x[token], recipe).to(compute_dtype),
+                     expert_weight(w1, w1_scale, recipe, e).to(compute_dtype))
+        gate, up = h.chunk(2, dim=-1)
+        if swiglu_limit is not None:
+            gate = gate.clamp(max=swiglu_limit)
+            up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
+        h = F.silu(gate) * up
+        y = F.linear(_activations(h, recipe).to(compute_dtype),
+                     expert_weight(w2, w2_scale, recipe, e).to(compute_dtype))
+        out.index_add_(0, token, y.float() * weights[token, slot, None])
+    return out.to(x.dtype)

@@ -1,0 +1,240 @@
+"""`prepare(model, config)`: the load-time step.
+
+Finds every DeepSeek-V4 MoE block, decides per layer whether it will be fused and with which
+kernel and recipe, and builds that kernel's weights once (quantized and laid out), kept on the
+experts module as non-persistent buffers so they move with `model.to()` and stay out of
+`state_dict()`. The graph pass only reads what prepare decided.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import hf
+from .config import MegaMoEConfig
+from .ops import layouts
+
+log = logging.getLogger("megamoe_compile")
+
+_BUFFER_PREFIX = "megamoe_"
+# gate_up_proj parameter -> weakref to its MoE block, for the pass: dynamo hands the backend the
+# parameters as graph inputs, not the modules that own them.
+_BLOCK_BY_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer the user forced onto a kernel that cannot take it."""
+
+
+@dataclass
+class LayerPlan:
+    """Prepare's decision for one MoE block (the report shows it)."""
+
+    name: str
+    layer_index: int | None
+    spec: hf.MoESpec | None
+    fuse: bool
+    reason: str = ""
+    kernel: str | None = None
+    recipe: str | None = None
+    notes: list[str] = field(default_factory=list)
+    original_bytes: int = 0
+    prepared_bytes: int = 0
+    fingerprint: tuple = ()
+
+
+def prepare(model: torch.nn.Module, config: MegaMoEConfig | None = None) -> torch.nn.Module:
+    """Plan and build kernel-ready weights for every MoE layer of `model`, in place.
+
+    Idempotent: a second call with an equal config on an unchanged model does nothing; with
+    another config it re-plans. Returns `model`.
+    """
+    config = config or MegaMoEConfig()
+    blocks = hf.find_moe_blocks(model)
+    start, shown = time.perf_counter(), False
+    for i, (name, block) in enumerate(blocks):
+        plan = _plan_layer(name, block, config)
+        if plan.fuse:
+            log.info("megamoe: %s -> %s (%s)", name, plan.kernel, plan.recipe)
+        else:
+            log.info("megamoe: %s left unfused: %s", name, plan.reason)
+        elapsed = time.perf_counter() - start
+        if elapsed > 2.0 and (not shown or i + 1 == len(blocks) or i % 4 == 0):
+            log.warning("megamoe: prepared %d/%d MoE layers (%.1f s)", i + 1, len(blocks), elapsed)
+            shown = True
+    model._megamoe_config = config
+    return model
+
+
+def replan_block(block: torch.nn.Module, config: MegaMoEConfig) -> LayerPlan:
+    """Re-plan one prepared block for `config` (no work when its plan already matches)."""
+    return _plan_layer(block.experts._megamoe_plan.name, block, config)
+
+
+def layer_plans(model: torch.nn.Module) -> list[LayerPlan]:
+    """The plans `prepare` made, in module order."""
+    return [plan for _, b in hf.find_moe_blocks(model) if (plan := getattr(b.experts, "_megamoe_plan", None))]
+
+
+def block_for_weight(weight: torch.Tensor) -> torch.nn.Module | None:
+    """The prepared MoE block whose experts own `weight` (their gate_up_proj), if any."""
+    ref = _BLOCK_BY_WEIGHT.get(weight)
+    return ref() if ref is not None else None
+
+
+def kernel_weights(experts: torch.nn.Module) -> layouts.KernelWeights:
+    """The weights `prepare` built for `experts` (the originals where the recipe keeps them)."""
+    def get(key):
+        return getattr(experts, _BUFFER_PREFIX + key, None)
+
+    w1, w2 = get("w1"), get("w2")
+    if w1 is None:  # recipe "none": the kernel reads the model's own weights
+        return layouts.KernelWeights(experts.gate_up_proj, None, experts.down_proj, None)
+    return layouts.KernelWeights(w1, get("w1_scale"), w2, get("w2_scale"))
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig) -> LayerPlan:
+    spec, why = hf.describe(name, block)
+    index = hf.layer_index(name)
+    experts = block.experts
+    fingerprint = _fingerprint(config, block)
+    old = getattr(experts, "_megamoe_plan", None)
+    if old is not None and old.fingerprint == fingerprint:
+        return old
+    _drop_buffers(experts)
+    _restore_implementation(experts)
+
+    if spec is None:
+        plan = LayerPlan(name, index, None, False, reason=why)
+    else:
+        plan = LayerPlan(name, index, spec, False, original_bytes=_nbytes(experts))
+        selected, why = config.selects(block, name, index)
+        if not selected:
+            plan.reason = why
+        elif spec.expert_parallel and config.ep_mode == "none":
+            plan.reason = "experts are sharded by transformers' expert parallelism; set ep_mode to fuse them"
+        else:
+            kernel, recipe, why = choose_kernel(config, spec)
+            if kernel is None:
+                plan.reason = why
+            else:
+                plan.fuse, plan.kernel, plan.recipe = True, kernel, recipe
+                _build(experts, spec, plan)
+                if spec.experts_implementation in (None, "eager"):
+                    _trace_through_grouped_mm(experts)
+                    plan.notes.append(
+                        "experts_implementation 'eager' loops in Python (a graph break); this layer "
+                        "is traced through 'grouped_mm', which computes the same function"
+                    )
+    plan.fingerprint = fingerprint
+    experts._megamoe_plan = plan
+    _BLOCK_BY_WEIGHT[experts.gate_up_proj] = weakref.ref(block)
+    return plan
+
+
+def choose_kernel(config: MegaMoEConfig, spec: hf.MoESpec) -> tuple[str | None, str | None, str]:
+    """(kernel, recipe, "") for a layer, or (None, None, reason) when it stays unfused.
+
+    Raises UnsupportedLayerError when the user forced a kernel that cannot take the layer.
+    """
+    from .ops import deepgemm
+
+    if config.kernel == "reference" or (config.kernel == "auto" and spec.device.type != "cuda"):
+        kernel = "reference"
+        why = ""
+    else:
+        kernel, why = deepgemm.kernel_for(spec)
+        if kernel is None and config.kernel == "deepgemm":
+            raise UnsupportedLayerError(f"{spec.name}: kernel='deepgemm' cannot run this layer: {why}")
+        if kernel is None:
+            return None, None, why
+    recipe = config.recipe if config.recipe != "auto" else default_recipe(kernel, spec)
+    why = recipe_problem(kernel, recipe, spec)
+    if why:
+        if config.kernel != "auto" or config.recipe != "auto":
+            raise UnsupportedLayerError(f"{spec.name}: {why}")
+        return None, None, why
+    return kernel, recipe, ""
+
+
+def default_recipe(kernel: str, spec: hf.MoESpec) -> str:
+    if kernel == "deepgemm_sm90":
+        return "fp8"
+    if kernel == "deepgemm_sm100":
+        return "fp8_fp4"
+    # The reference kernel keeps what the checkpoint holds, so it re-quantizes nothing.
+    return {"dense": "none", "fp8": "fp8", "mxfp4": "fp8_fp4"}[spec.weight_format]
+
+
+def recipe_problem(kernel: str, recipe: str, spec: hf.MoESpec) -> str:
+    supported = {"reference": ("none", "fp8", "fp8_fp4"), "deepgemm_sm90": ("fp8",),
+                 "deepgemm_sm100": ("fp8_fp4",)}[kernel]
+    if recipe not in supported:
+        return f"kernel {kernel} supports recipes {list(supported)}, not {recipe!r}"
+    if recipe == "none" and spec.weight_format != "dense":
+        return f"recipe 'none' needs dense expert weights; this checkpoint holds {spec.weight_format}"
+    if recipe in ("fp8", "fp8_fp4"):
+        block = 128 if recipe == "fp8" else 32
+        for dim, size in (("hidden", spec.hidden), ("moe_intermediate", spec.intermediate)):
+            if size % block:
+                return f"recipe {recipe!r} needs {dim} size a multiple of {block}, got {size}"
+    return ""
+
+
+def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan) -> None:
+    from .ops import deepgemm
+
+    with torch.no_grad():
+        weights = layouts.to_recipe(layouts.source_weights(experts, spec.weight_format),
+                                    spec.weight_format, plan.recipe)
+        if plan.kernel != "reference":
+            weights = deepgemm.layout_weights(plan.kernel, weights)
+    if plan.recipe == "none":
+        plan.prepared_bytes = 0  # the kernel reads the model's own weights
+        return
+    for key, tensor in weights.tensors().items():
+        if tensor is not None:
+            experts.register_buffer(_BUFFER_PREFIX + key, tensor, persistent=False)
+    plan.prepared_bytes = weights.nbytes()
+
+
+def _trace_through_grouped_mm(experts: torch.nn.Module) -> None:
+    # The experts' forward picks its implementation from `self.config`, shared by the whole
+    # model: give this module its own copy so other (skipped) layers keep theirs.
+    import copy
+
+    if getattr(experts, "_megamoe_original_config", None) is None:
+        experts._megamoe_original_config = experts.config
+    cfg = copy.copy(experts._megamoe_original_config)
+    cfg._experts_implementation = "grouped_mm"
+    experts.config = cfg
+
+
+def _restore_implementation(experts: torch.nn.Module) -> None:
+    original = getattr(experts, "_megamoe_original_config", None)
+    if original is not None:
+        experts.config = original
+        experts._megamoe_original_config = None
+
+
+def _drop_buffers(experts: torch.nn.Module) -> None:
+    for key in [k for k in experts._buffers if k.startswith(_BUFFER_PREFIX)]:
+        del experts._buffers[key]
+
+
+def _nbytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters())
+
+
+def _fingerprint(config: MegaMoEConfig, block: torch.nn.Module) -> tuple:
+    w = block.experts.gate_up_proj
+    return (config, id(config.filter_fn), w.device, w.dtype, w.data_ptr(),
+            hf.experts_implementation(block.experts))
