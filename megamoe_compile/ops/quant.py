@@ -131,11 +131,11 @@ def _fp8_scale_from_amax(amax: torch.Tensor, power_of_two: bool) -> torch.Tensor
     """FP8 e4m3 scale for groups with float32 absolute maximum `amax`; float32, same shape.
 
     A zero group (or one so tiny that amax / 448 underflows) gets scale 1: never 0, which
-    would turn x / scale into NaN. NaN/inf in a group give a non-finite scale, so the group
-    dequantizes to NaN instead of hiding the problem.
+    would turn x / scale into NaN. NaN/inf in a group give a non-finite scale (the `== 0` test
+    lets them through), so the group dequantizes to NaN instead of hiding the problem.
     """
     scale = amax / FP8_E4M3_MAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return _ceil_power_of_two(scale) if power_of_two else scale
 
 
