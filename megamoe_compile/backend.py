@@ -30,6 +30,31 @@ class CompiledGraph:
     def code(self) -> str:
         return self.graph_module.code
 
+    def layer_code(self, name: str) -> str:
+        """The nodes of MoE block `name` (router, fused op, shared expert), one line each."""
+        fusion = next((f for f in self.fusions if f.name == name), None)
+        if fusion is None:
+            raise KeyError(f"no MoE layer {name!r} in this graph; it has {[f.name for f in self.fusions]}")
+        nodes = [n for n in self.graph_module.graph.nodes if n.op not in ("placeholder", "get_attr")
+                 and fusion.module_key in (n.meta.get("nn_module_stack") or {})]
+        return "\n".join(_format_node(n) for n in nodes)
+
+
+def _format_node(node: fx.Node) -> str:
+    def show(a):
+        if isinstance(a, fx.Node):
+            return a.name if len(a.name) <= 40 else "..." + a.name[-37:]
+        if isinstance(a, (tuple, list)):
+            return "(" + ", ".join(show(x) for x in a) + ")"
+        return repr(a)
+
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        target = str(node.target)
+    args = [show(a) for a in node.args] + [f"{k}={show(v)}" for k, v in node.kwargs.items()]
+    prefix = "." if node.op == "call_method" else ""
+    return f"{node.name} = {prefix}{target}({', '.join(args)})"
+
 
 class MegaMoEBackend:
     """A torch.compile backend with its own config; `graphs` records every graph it compiled.

@@ -55,8 +55,6 @@ class MegaMoEConfig:
         _check_choice("recipe", self.recipe, RECIPES)
         _check_choice("inner_backend", self.inner_backend, INNER_BACKENDS)
         _check_choice("ep_mode", self.ep_mode, EP_MODES)
-        if self.kernel == "reference" and self.recipe == "auto":
-            pass  # resolved per device in prepare
         for name in ("skip_layers", "include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, (str, int)) or not isinstance(value, Sequence):
@@ -92,6 +90,11 @@ class MegaMoEConfig:
         if self.filter_fn is not None and not self.filter_fn(module, name):
             return False, "skipped by config: filter_fn returned False"
         return True, ""
+
+    def plan_key(self) -> tuple:
+        """The fields that decide prepare's per-layer plans and weights (not how the rest compiles)."""
+        return (self.kernel, self.recipe, self.skip_layers, self.include, self.exclude, id(self.filter_fn),
+                self.max_tokens_per_rank, self.release_original_weights, self.ep_mode, id(self.ep_group))
 
     def replace(self, **changes: Any) -> MegaMoEConfig:
         return dataclasses.replace(self, **changes)

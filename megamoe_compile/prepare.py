@@ -236,5 +236,5 @@ def _nbytes(module: torch.nn.Module) -> int:
 
 def _fingerprint(config: MegaMoEConfig, block: torch.nn.Module) -> tuple:
     w = block.experts.gate_up_proj
-    return (config, id(config.filter_fn), w.device, w.dtype, w.data_ptr(),
+    return (config.plan_key(), w.device, w.dtype, w.data_ptr(),
             hf.experts_implementation(block.experts))

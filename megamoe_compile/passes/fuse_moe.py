@@ -39,6 +39,8 @@ class LayerFusion:
     recipe: str | None = None
     traced_as: str | None = None
     notes: list[str] = field(default_factory=list)
+    # nn_module_stack key of the MoE block, to find its nodes in the graph (`CompiledGraph.layer_code`).
+    module_key: str = field(default="", repr=False)
 
 
 class NoMatch(Exception):
@@ -92,7 +94,7 @@ def unprepared_moe_weights(graph: fx.Graph) -> bool:
 
 def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module, experts_key: str) -> LayerFusion:
     plan: prep.LayerPlan = block.experts._megamoe_plan
-    result = LayerFusion(plan.name, plan.layer_index, False, traced_as=None)
+    result = LayerFusion(plan.name, plan.layer_index, False, module_key=str(id(block)))
     if not plan.fuse:
         result.reason = plan.reason
         return result
