@@ -24,6 +24,7 @@ class LayerReport:
     recipe: str | None
     original_bytes: int
     prepared_bytes: int
+    released: bool
     notes: list[str] = field(default_factory=list)
 
 
@@ -62,9 +63,10 @@ class MoEReport:
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths))
         before = sum(r.original_bytes for r in self.layers)
-        extra = sum(r.prepared_bytes for r in self.layers)
-        lines.append(f"expert weights: {before / 2**20:.1f} MiB in the model, "
-                     f"{extra / 2**20:.1f} MiB kernel-ready copies")
+        prepared = sum(r.prepared_bytes for r in self.layers)
+        after = before - sum(r.original_bytes for r in self.layers if r.released) + prepared
+        lines.append(f"expert weights: {before / 2**20:.1f} MiB as loaded, {prepared / 2**20:.1f} MiB "
+                     f"kernel-ready copies, {after / 2**20:.1f} MiB now held")
         return "\n".join(lines)
 
 
@@ -98,7 +100,7 @@ def _layer_reports(plans: list[LayerPlan], be: MegaMoEBackend) -> list[LayerRepo
             experts=f"{spec.num_experts}x{spec.hidden}x{spec.intermediate}" if spec else "?",
             traced_as=fusion.traced_as if fusion else None,
             kernel=plan.kernel if fused else None, recipe=plan.recipe if fused else None,
-            original_bytes=plan.original_bytes, prepared_bytes=plan.prepared_bytes,
+            original_bytes=plan.original_bytes, prepared_bytes=plan.prepared_bytes, released=plan.released,
             notes=list(plan.notes),
         ))
     return reports

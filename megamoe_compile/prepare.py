@@ -46,6 +46,7 @@ class LayerPlan:
     notes: list[str] = field(default_factory=list)
     original_bytes: int = 0
     prepared_bytes: int = 0
+    released: bool = False  # the original expert weights were freed (release_original_weights)
     fingerprint: tuple = ()
 
 
@@ -102,13 +103,18 @@ def kernel_weights(experts: torch.nn.Module) -> layouts.KernelWeights:
 # -- planning ---------------------------------------------------------------------------------
 
 def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig) -> LayerPlan:
-    spec, why = hf.describe(name, block)
-    index = hf.layer_index(name)
     experts = block.experts
-    fingerprint = _fingerprint(config, block)
     old = getattr(experts, "_megamoe_plan", None)
+    if getattr(experts, "_megamoe_released", False):
+        if old.fingerprint[0] != config.plan_key():
+            raise ValueError(f"{name}: its original expert weights were released "
+                             "(release_original_weights=True); reload the model to plan it differently")
+        return old
+    fingerprint = _fingerprint(config, block)
     if old is not None and old.fingerprint == fingerprint:
         return old
+    spec, why = hf.describe(name, block)
+    index = hf.layer_index(name)
     _drop_buffers(experts)
     _restore_implementation(experts)
 
@@ -137,6 +143,8 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig) -> Lay
     plan.fingerprint = fingerprint
     experts._megamoe_plan = plan
     _BLOCK_BY_WEIGHT[experts.gate_up_proj] = weakref.ref(block)
+    if plan.fuse and config.release_original_weights and plan.recipe != "none":
+        _release_original_weights(block, plan)
     return plan
 
 
@@ -216,6 +224,24 @@ def _trace_through_grouped_mm(experts: torch.nn.Module) -> None:
     cfg = copy.copy(experts._megamoe_original_config)
     cfg._experts_implementation = "grouped_mm"
     experts.config = cfg
+
+
+def _release_original_weights(block: torch.nn.Module, plan: LayerPlan) -> None:
+    """Keep only the kernel-ready weights; the layer's eager forward then runs the fused op."""
+    from . import experts as megamoe_experts
+
+    experts = block.experts
+    megamoe_experts.register()
+    _trace_through_grouped_mm(experts)
+    experts.config._experts_implementation = megamoe_experts.IMPLEMENTATION
+    for name in ("gate_up_proj", "down_proj"):
+        old = getattr(experts, name)
+        setattr(experts, name, torch.nn.Parameter(old.new_empty(0), requires_grad=False))
+    experts._megamoe_released = True
+    # dynamo now sees the prepared weights as the layer's inputs: find the block through them.
+    _BLOCK_BY_WEIGHT[experts.megamoe_w1] = weakref.ref(block)
+    plan.notes.append("original expert weights released; eager and compiled forward use the fused op")
+    plan.released = True
 
 
 def _restore_implementation(experts: torch.nn.Module) -> None:

@@ -65,7 +65,7 @@ def test_explain_shows_memory_of_kernel_ready_weights():
     assert layer.original_bytes == 4 * (256 * 128 + 128 * 128) * 4  # fp32 gate_up + down
     # FP8: one byte per weight plus one float32 scale per 128x128 block.
     assert layer.prepared_bytes == 4 * (256 * 128 + 128 * 128) + 4 * (2 + 1) * 4
-    assert "MiB kernel-ready copies" in str(report)
+    assert "MiB kernel-ready copies" in str(report) and "MiB now held" in str(report)
 
 
 def test_a_hook_on_the_experts_leaves_the_layer_unfused():
@@ -130,3 +130,34 @@ def test_prepare_is_idempotent_and_replans_on_a_new_config():
     mc.prepare(model, cfg.replace(recipe="none"))
     assert not hasattr(experts, "megamoe_w1")
     assert "megamoe_w1" not in model.state_dict()
+
+
+def test_release_original_weights_frees_them_and_keeps_eager_and_compiled_working():
+    model = tiny_model(layers=2, hidden=128, intermediate=128)
+    ids = input_ids()
+    config = mc.MegaMoEConfig(kernel="reference", recipe="fp8", skip_layers=[0], inner_backend="eager")
+    be_keep = mc.backend(config)
+    with torch.no_grad():
+        mc.prepare(model, config)
+        kept = torch.compile(model, backend=be_keep)(ids).logits
+    torch._dynamo.reset()
+    released_cfg = config.replace(release_original_weights=True)
+    model2 = tiny_model(layers=2, hidden=128, intermediate=128)
+    mc.prepare(model2, released_cfg)
+    experts = model2.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.numel() == 0 and experts.down_proj.numel() == 0
+    assert model2.model.layers[0].mlp.experts.gate_up_proj.numel() > 0  # skipped layer keeps its own
+    be = mc.backend(released_cfg)
+    with torch.no_grad():
+        eager = model2(ids).logits  # the released layer's eager forward runs the fused op
+        compiled = torch.compile(model2, backend=be)(ids).logits
+    torch.testing.assert_close(eager, kept, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled, kept, atol=1e-5, rtol=1e-5)
+    fusion = {f.name: f for f in be.fusions}["model.layers.1.mlp"]
+    assert fusion.fused and fusion.traced_as == "megamoe"
+    assert be.graphs[0].code.count("megamoe.fused_moe") == 1
+    report = mc.explain(model2, ids)
+    layer = report.layers[1]
+    assert layer.released and layer.prepared_bytes < layer.original_bytes
+    with pytest.raises(ValueError, match="original expert weights were released"):
+        mc.prepare(model2, released_cfg.replace(recipe="fp8_fp4"))
