@@ -6,6 +6,7 @@ only when DeepGEMM is used.
 """
 
 from . import reference  # noqa: F401  (registers the "reference" kernel)
+from . import deepgemm  # noqa: F401  (registers "deepgemm_sm90"/"deepgemm_sm100"; imports no deep_gemm)
 from .fused_moe import fused_moe, kernel_names, register_kernel
 
 __all__ = ["fused_moe", "kernel_names", "register_kernel"]

@@ -1,17 +1,76 @@
 """DeepGEMM MegaMoE kernels behind `megamoe.fused_moe` (SM90 `fp8_mega_moe`, SM100 `fp8_fp4_mega_moe`).
 
-Importing this module never imports deep_gemm; availability is probed on first use.
+Three parts, each small:
+
+* the adapter over the installed `deep_gemm` (`_Api`): finds the functions by name, passes only
+  the keyword arguments their signatures take, and names the installed version in every error.
+  It serves both API generations: sgl-deep-gemm 0.1.4.post1-0.1.5 (torch 2.11) and 0.2.x /
+  upstream DeepGEMM 2.8 (torch >= 2.13), which add `mma_type`, `num_shared_experts`, ...;
+* the symmetric buffers: one per (process group, device, kernel, experts, top-k, hidden,
+  intermediate, max tokens), shared by every layer of that shape, reserved at load time by
+  `reserve_buffer` (prepare calls it) so that they exist before any CUDA-graph capture. Without a
+  process group a private world-size-1 group is made that leaves torch.distributed's default
+  group alone;
+* the two kernels, registered by name: stage the activations and routing into the buffer with
+  DeepGEMM's pre-dispatch, then one mega kernel call. Capturable in a CUDA graph: no host syncs,
+  no allocation but the output (and, on SM100 only when its pre-dispatch cannot fold the routed
+  scaling factor, the scaled routing weights).
+
+Importing this module never imports deep_gemm and needs no GPU; availability is probed on use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .. import hf
+from .fused_moe import register_kernel
 from .layouts import KernelWeights
 
+log = logging.getLogger("megamoe_compile")
+
+SM90 = "deepgemm_sm90"
+SM100 = "deepgemm_sm100"
+KERNELS = (SM90, SM100)
+# The recipe (storage format) each kernel's weights are in, and DeepGEMM's recipe tuple for it.
+RECIPE = {SM90: "fp8", SM100: "fp8_fp4"}
+DG_RECIPE = {SM90: (128, 128, 128), SM100: (1, 1, 32)}
+# Activation quantization group of the pre-dispatch (1 x 128 on SM90, 1 x 32 UE8M0 on SM100).
+ACT_GROUP = {SM90: 128, SM100: 32}
+# SM100 MMA type: FP8 activations x FP4 weights. Buffer and weight transform must agree on it.
+SM100_MMA_TYPE = "fp8xfp4"
+
+_TORCH_MATCH = ("sgl-deep-gemm 0.1.4.post1-0.1.5 is built for torch 2.11; "
+                "sgl-deep-gemm 0.2.x for torch >= 2.13")
+
+# Per kernel, each role's candidate names in deep_gemm, first found wins (older name first where
+# both generations have one).
+_FUNCTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    SM90: {
+        "kernel": ("fp8_mega_moe",),
+        "pre_dispatch": ("mega_moe_pre_dispatch_sm90",),
+        "transform_weights": ("transform_weights_for_mega_moe_sm90",),
+        "buffer": ("get_symm_buffer_for_sm90_mega_moe", "get_symm_buffer_for_mega_moe"),
+    },
+    SM100: {
+        "kernel": ("fp8_fp4_mega_moe",),
+        "pre_dispatch": ("mega_moe_pre_dispatch",),
+        "transform_sf": ("transform_sf_into_required_layout",),
+        "transform_weights": ("transform_weights_for_mega_moe",),
+        "buffer": ("get_symm_buffer_for_mega_moe",),
+    },
+}
+
+
+# -- the installed deep_gemm ------------------------------------------------------------------
 
 @functools.cache
 def _deep_gemm():
@@ -19,30 +78,481 @@ def _deep_gemm():
     try:
         import deep_gemm
     except Exception as e:  # ImportError, or a host-glue ABI mismatch surfacing as OSError/RuntimeError
-        return None, (f"deep_gemm is not importable ({type(e).__name__}: {e}); install the extra "
-                      f"'megamoe-compile[deepgemm]' with the sgl-deep-gemm release built for torch "
-                      f"{torch.__version__.split('+')[0]} (0.1.4.post1-0.1.5 for torch 2.11, 0.2.x for torch >= 2.13)")
+        return None, (f"deep_gemm ({_installed_version()}) is not importable ({type(e).__name__}: {e}); "
+                      f"install the extra 'megamoe-compile[deepgemm]' with the sgl-deep-gemm release built "
+                      f"for torch {torch.__version__.split('+')[0]} ({_TORCH_MATCH})")
     return deep_gemm, ""
 
+
+def reset_probe() -> None:
+    """Forget what was found about deep_gemm (after installing it, or in tests)."""
+    _deep_gemm.cache_clear()
+    _api.cache_clear()
+    _LAUNCHES.clear()
+
+
+def _installed_version(module: Any = None) -> str:
+    version = getattr(module, "__version__", None) if module is not None else None
+    for dist in ("sgl-deep-gemm", "deep-gemm", "deepinfer-gemm"):
+        try:
+            from importlib.metadata import version as dist_version
+
+            return f"{dist} {dist_version(dist)}" + (f", deep_gemm {version}" if version else "")
+        except Exception:
+            continue
+    return f"deep_gemm {version}" if version else "no sgl-deep-gemm distribution found"
+
+
+@dataclass(frozen=True)
+class _Api:
+    """The deep_gemm functions one kernel uses, resolved once."""
+
+    kernel: str
+    version: str
+    fns: dict[str, Any]
+
+    def call(self, role: str, *args, **kwargs):
+        """Call `role` with `args` and those `kwargs` its signature takes (both generations)."""
+        fn = self.fns[role]
+        return fn(*args, **_accepted(fn, kwargs))
+
+    def accepts(self, role: str, name: str) -> bool:
+        return name in _parameters(self.fns[role])
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(fn) -> dict[str, inspect.Parameter] | None:
+    """Keyword parameters of `fn`; None when it takes **kwargs or has no Python signature."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return dict(params)
+
+
+def _accepted(fn, kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = _parameters(fn)
+    if params is None:
+        return kwargs
+    out = {}
+    for key, value in kwargs.items():
+        if key in params:
+            out[key] = value
+        elif key == "group_size" and "quant_group_size" in params:  # renamed in some builds
+            out["quant_group_size"] = value
+    return out
+
+
+@functools.cache
+def _api(kernel: str) -> tuple[_Api | None, str]:
+    """The resolved API for `kernel`, or (None, why not). Cached: see `reset_probe`."""
+    dg, why = _deep_gemm()
+    if dg is None:
+        return None, why
+    version = _installed_version(dg)
+    fns, missing = {}, []
+    for role, names in _FUNCTIONS[kernel].items():
+        found = next((getattr(dg, n) for n in names if callable(getattr(dg, n, None))), None)
+        if found is None:
+            missing.append(" or ".join(names))
+        fns[role] = found
+    if missing:
+        return None, (f"{version} has no {', '.join(missing)} (needed by {kernel}); sgl-deep-gemm >= 0.1.4.post1 "
+                      f"has both mega kernels ({_TORCH_MATCH})")
+    return _Api(kernel, version, fns), ""
+
+
+def _require_api(kernel: str) -> _Api:
+    api, why = _api(kernel)
+    if api is None:
+        raise RuntimeError(f"megamoe: {kernel} cannot run: {why}")
+    return api
+
+
+# -- kernel choice and weight layout (load time) ----------------------------------------------
 
 def kernel_for(spec: hf.MoESpec) -> tuple[str | None, str]:
     """The DeepGEMM kernel for this layer on its device, or (None, why not)."""
     if spec.device.type != "cuda":
         return None, f"DeepGEMM kernels need a CUDA GPU; the experts are on {spec.device}"
+    if not torch.cuda.is_available():
+        return None, "DeepGEMM kernels need a CUDA GPU; torch.cuda.is_available() is False"
     major, minor = torch.cuda.get_device_capability(spec.device)
     if major == 9:
-        kernel, entry = "deepgemm_sm90", "fp8_mega_moe"
+        kernel = SM90
     elif major == 10:
-        kernel, entry = "deepgemm_sm100", "fp8_fp4_mega_moe"
+        kernel = SM100
     else:
-        return None, f"DeepGEMM MegaMoE needs sm_90 (Hopper) or sm_100 (Blackwell); this GPU is sm_{major}{minor}"
-    dg, why = _deep_gemm()
-    if dg is None:
+        return None, (f"DeepGEMM MegaMoE needs sm_90 (Hopper) or sm_100 (Blackwell); "
+                      f"this GPU is sm_{major}{minor}")
+    if spec.dtype != torch.bfloat16:
+        return None, f"{kernel} takes bfloat16 activations; this layer runs in {spec.dtype}"
+    for dim, size in (("hidden", spec.hidden), ("moe_intermediate", spec.intermediate)):
+        if size % 128:
+            return None, f"{kernel} needs {dim} size a multiple of 128, got {size}"
+    if kernel == SM100 and spec.hidden % 512:
+        return None, f"{kernel} needs hidden size a multiple of 512 (its pre-dispatch), got {spec.hidden}"
+    api, why = _api(kernel)
+    if api is None:
         return None, why
-    if not hasattr(dg, entry):
-        return None, f"deep_gemm {getattr(dg, '__version__', '?')} has no {entry}; sgl-deep-gemm >= 0.1.4 has it"
     return kernel, ""
 
 
 def layout_weights(kernel: str, weights: KernelWeights) -> KernelWeights:
-    raise NotImplementedError(f"{kernel}: weight layout not implemented yet")
+    """Lay recipe-format weights (plain [gate; up]) out for `kernel`. Once per layer, at load time.
+
+    SM90: FP8 [E, 2I, H] + float32 [E, 2I/128, H/128] and FP8 [E, H, I] + float32 [E, H/128, I/128]
+    -> gate/up rows interleaved by DeepGEMM, scales unchanged.
+    SM100: MXFP4 int8 [E, 2I, H/2] + UE8M0 uint8 [E, 2I, H/32] (and w2 alike) -> scales as float32
+    powers of two through `transform_sf_into_required_layout` (packed int32, MN-major), then
+    `transform_weights_for_mega_moe` (interleave gate/up, transpose scales for UTCCP).
+    The result stays on the weights' device.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"megamoe: layout_weights: unknown DeepGEMM kernel {kernel!r}; one of {list(KERNELS)}")
+    api = _require_api(kernel)
+    w1, s1, w2, s2 = weights.w1, weights.w1_scale, weights.w2, weights.w2_scale
+    if s1 is None or s2 is None:
+        raise ValueError(f"megamoe: {kernel} needs scaled weights (recipe {RECIPE[kernel]!r}); got no scales")
+    num_experts, two_i = w1.shape[0], w1.shape[1]
+    if kernel == SM90:
+        _expect_dtype(kernel, "w1", w1, torch.float8_e4m3fn)
+        _expect_dtype(kernel, "w2", w2, torch.float8_e4m3fn)
+        l1, l2 = (w1.contiguous(), s1.float().contiguous()), (w2.contiguous(), s2.float().contiguous())
+        (w1, s1), (w2, s2) = api.call("transform_weights", l1, l2)
+        return KernelWeights(w1, s1, w2, s2)
+    _expect_dtype(kernel, "w1", w1, torch.int8)
+    _expect_dtype(kernel, "w2", w2, torch.int8)
+    hidden, intermediate = w1.shape[2] * 2, two_i // 2
+    sf1 = api.call("transform_sf", e8m0_to_float32(s1), two_i, hidden, recipe=(1, 32), num_groups=num_experts)
+    sf2 = api.call("transform_sf", e8m0_to_float32(s2), hidden, intermediate, recipe=(1, 32), num_groups=num_experts)
+    (w1, sf1), (w2, sf2) = api.call("transform_weights", (w1.contiguous(), sf1), (w2.contiguous(), sf2),
+                                    mma_type=SM100_MMA_TYPE)
+    return KernelWeights(w1, sf1, w2, sf2)
+
+
+def e8m0_to_float32(e: torch.Tensor) -> torch.Tensor:
+    """UE8M0 exponent bytes -> float32 2^(e - 127), bit-exact (the form DeepGEMM's packers read)."""
+    if e.dtype not in (torch.uint8, torch.int8):
+        if hasattr(torch, "float8_e8m0fnu") and e.dtype == torch.float8_e8m0fnu:
+            e = e.view(torch.uint8)
+        elif e.dtype == torch.float32:
+            return e.contiguous()
+        else:
+            raise ValueError(f"megamoe: UE8M0 scales must be uint8 exponent bytes, got {e.dtype}")
+    return (e.view(torch.uint8).to(torch.int32) << 23).view(torch.float32).contiguous()
+
+
+def _expect_dtype(kernel: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise ValueError(f"megamoe: {kernel} needs {name} in {dtype} (recipe {RECIPE[kernel]!r}), got {t.dtype}")
+
+
+# -- process groups ---------------------------------------------------------------------------
+
+# group_name -> process group for expert parallelism (issue 5 registers groups here). The name ""
+# is never stored here: it means "this process alone", a private group per device.
+_GROUPS: dict[str, Any] = {}
+_PRIVATE_GROUPS: dict[int, Any] = {}
+
+
+def register_group(group) -> str:
+    """Make an expert-parallel process group known to the kernels; returns the op's `group_name`."""
+    name = str(group.group_name)
+    if not name:
+        raise ValueError("megamoe: a process group without a name cannot be registered")
+    _GROUPS[name] = group
+    return name
+
+
+def group_for(group_name: str, device: torch.device):
+    """The process group a `fused_moe` call with `group_name` runs over, on `device`."""
+    if group_name == "":
+        return _private_group(device)
+    group = _GROUPS.get(group_name)
+    if group is None:  # a torch.distributed group, found by its name
+        try:
+            from torch.distributed.distributed_c10d import _resolve_process_group
+
+            group = _resolve_process_group(group_name)
+        except Exception:
+            raise RuntimeError(f"megamoe: process group {group_name!r} is not registered with torch.distributed "
+                               f"nor here (known here: {sorted(_GROUPS)}); initialise torch.distributed on every "
+                               f"rank or call megamoe_compile.ops.deepgemm.register_group") from None
+        _GROUPS[group_name] = group
+    return group
+
+
+def _device_index(device: torch.device) -> int:
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _private_group(device: torch.device):
+    index = _device_index(device)
+    group = _PRIVATE_GROUPS.get(index)
+    if group is None:
+        group = _PRIVATE_GROUPS[index] = _make_private_group(index)
+    return group
+
+
+def _make_private_group(device_index: int):
+    """A world-size-1 NCCL process group over a private HashStore, for one GPU.
+
+    Built the way c10d builds a group, but registered only under its own name: the default group
+    is untouched, so `torch.distributed.init_process_group` still works afterwards. DeepGEMM's
+    symmetric buffer rendezvous resolves the group by name and reads its store.
+    """
+    from torch._C._distributed_c10d import (
+        HashStore, PrefixStore, ProcessGroup, ProcessGroupNCCL, _register_process_group,
+    )
+
+    name = f"megamoe_private_cuda{device_index}_pid{os.getpid()}"
+    store = PrefixStore(f"{name}/", HashStore())
+    group = ProcessGroup(store, 0, 1)
+    options = ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = False
+    for attr, value in (("group_name", name), ("global_ranks_in_group", [0])):
+        with contextlib.suppress(Exception):
+            setattr(options, attr, value)
+    backend = ProcessGroupNCCL(PrefixStore("cuda/", store), 0, 1, options)
+    with contextlib.suppress(Exception):
+        backend._set_sequence_number_for_group()
+    group._set_default_backend(ProcessGroup.BackendType.NCCL)
+    group._register_backend(torch.device("cuda"), ProcessGroup.BackendType.NCCL, backend)
+    with contextlib.suppress(Exception):
+        group.bound_device_id = torch.device("cuda", device_index)
+    group._set_group_name(name)
+    _register_process_group(name, group)
+    # Symmetric-memory backends that look the store up by name (older torch) find it here too.
+    with contextlib.suppress(Exception):
+        torch._C._distributed_c10d._SymmetricMemory.set_group_info(
+            name, 0, 1, PrefixStore("symmetric_memory-0", store))
+    log.info("megamoe: made private world-size-1 NCCL group %s for cuda:%d", name, device_index)
+    return group
+
+
+# -- symmetric buffers ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BufferKey:
+    group_name: str
+    device_index: int
+    kernel: str
+    num_experts: int  # over the whole group (local experts x world size)
+    top_k: int
+    hidden: int
+    intermediate: int
+    max_tokens: int  # per rank, as asked (DeepGEMM may align its buffer up)
+
+
+_BUFFERS: dict[BufferKey, Any] = {}
+
+
+def reserve_buffer(kernel: str, spec: hf.MoESpec, max_tokens_per_rank: int, group=None):
+    """Allocate (once) the symmetric buffer `kernel` needs for layers shaped like `spec`.
+
+    Load-time step (`prepare` calls it for every DeepGEMM layer): a collective over `group`
+    (default: a private world-size-1 group on the experts' GPU), so it must happen before any
+    CUDA-graph capture and on every rank alike. Layers of the same shape share one buffer.
+    Returns the buffer; None for kernels that need none (the reference kernel).
+    """
+    if kernel not in KERNELS:
+        return None
+    if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
+        raise ValueError(f"megamoe: max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
+    group_name = "" if group is None else register_group(group)
+    group = group_for(group_name, spec.device)
+    key = BufferKey(group_name, _device_index(spec.device), kernel, spec.num_experts * group.size(),
+                    spec.top_k, spec.hidden, spec.intermediate, max_tokens_per_rank)
+    return _allocate(key, group)
+
+
+def _allocate(key: BufferKey, group):
+    buffer = _BUFFERS.get(key)
+    if buffer is not None:
+        return buffer
+    api = _require_api(key.kernel)
+    args = (group, key.num_experts, key.max_tokens, key.top_k, key.hidden, key.intermediate)
+    kwargs = {"mma_type": SM100_MMA_TYPE} if key.kernel == SM100 else {}
+    with _on_device(key.device_index):
+        try:
+            buffer = api.call("buffer", *args, **kwargs)
+        except Exception as e:
+            raise RuntimeError(f"megamoe: {key.kernel}: allocating the symmetric buffer for {key} failed with "
+                               f"{api.version}: {type(e).__name__}: {e}") from e
+    _BUFFERS[key] = buffer
+    _buffers_changed()
+    log.info("megamoe: reserved %s symmetric buffer %s (%.1f MiB)", key.kernel, key, _buffer_bytes(buffer) / 2**20)
+    return buffer
+
+
+def buffers() -> dict[BufferKey, Any]:
+    """The symmetric buffers reserved so far (for reports and tests)."""
+    return dict(_BUFFERS)
+
+
+def release_buffers() -> None:
+    """Drop every symmetric buffer (call on every rank, after the last kernel call, before the
+    process groups go). Graphs captured over them must not be replayed afterwards."""
+    for buffer in _BUFFERS.values():
+        destroy = getattr(buffer, "destroy", None)
+        if callable(destroy):
+            destroy()
+    _BUFFERS.clear()
+    _buffers_changed()
+
+
+def _buffers_changed() -> None:
+    global _buffers_version
+    _buffers_version += 1
+    _LAUNCHES.clear()
+
+
+def _buffer_bytes(buffer) -> int:
+    raw = getattr(buffer, "buffer", None)
+    return raw.numel() * raw.element_size() if isinstance(raw, torch.Tensor) else 0
+
+
+def _on_device(device_index: int):
+    return torch.cuda.device(device_index) if device_index >= 0 else contextlib.nullcontext()
+
+
+def _buffer_for(kernel: str, group_name: str, group, x: torch.Tensor, num_local_experts: int,
+                top_k: int, intermediate: int):
+    """The smallest reserved buffer of this shape that holds x's tokens; a clear error otherwise."""
+    tokens, hidden = x.shape
+    shape = (group_name, _device_index(x.device), kernel, num_local_experts * group.size(), top_k, hidden,
+             intermediate)
+    fitting = [k for k in _BUFFERS if (k.group_name, k.device_index, k.kernel, k.num_experts, k.top_k,
+                                       k.hidden, k.intermediate) == shape]
+    if not fitting:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"megamoe: {kernel}: no symmetric buffer was reserved for experts={shape[3]} top_k={top_k} "
+                f"hidden={hidden} intermediate={intermediate}, and one cannot be allocated during CUDA-graph "
+                f"capture; run megamoe_compile.prepare(model) (or ops.deepgemm.reserve_buffer) first")
+        from ..config import MegaMoEConfig
+
+        max_tokens = max(tokens, MegaMoEConfig().max_tokens_per_rank)
+        log.warning("megamoe: %s: no symmetric buffer reserved for this shape; allocating one for %d tokens "
+                    "now. prepare() should reserve it at load time.", kernel, max_tokens)
+        key = BufferKey(*shape[:3], shape[3], top_k, hidden, intermediate, max_tokens)
+        return _allocate(key, group), key
+    adequate = sorted((k for k in fitting if k.max_tokens >= tokens), key=lambda k: k.max_tokens)
+    if not adequate:
+        largest = max(k.max_tokens for k in fitting)
+        raise RuntimeError(
+            f"megamoe: {kernel}: {tokens} tokens in one MoE call exceed the symmetric buffer reserved for "
+            f"{largest} tokens per rank (MegaMoEConfig.max_tokens_per_rank={largest}). Raise "
+            f"MegaMoEConfig.max_tokens_per_rank and prepare the model again, or split the batch.")
+    return _BUFFERS[adequate[0]], adequate[0]
+
+
+# -- the kernels ------------------------------------------------------------------------------
+
+@dataclass
+class _Launch:
+    """Everything a call of one layer shape needs, resolved once (the per-call Python is then a
+    few attribute reads: at 1 token without CUDA graphs, host time is the whole cost)."""
+
+    version: int  # of _BUFFERS when made
+    kernel: str
+    buffers: list[tuple[int, Any]]  # (max tokens, buffer), ascending
+    pre_dispatch: Any
+    pre_kwargs: dict[str, Any]  # without num_tokens
+    scale_weights: float | None  # multiply the routing weights first (pre-dispatch cannot)
+    mega: Any
+    mega_kwargs: dict[str, Any]
+
+    def buffer(self, tokens: int):
+        for max_tokens, buffer in self.buffers:
+            if tokens <= max_tokens:
+                return buffer
+        largest = self.buffers[-1][0]
+        raise RuntimeError(
+            f"megamoe: {self.kernel}: {tokens} tokens in one MoE call exceed the symmetric buffer reserved for "
+            f"{largest} tokens per rank (MegaMoEConfig.max_tokens_per_rank={largest}). Raise "
+            f"MegaMoEConfig.max_tokens_per_rank and prepare the model again, or split the batch.")
+
+
+_LAUNCHES: dict[tuple, _Launch] = {}
+_buffers_version = 0
+
+
+def _launch_for(kernel: str, x: torch.Tensor, num_local_experts: int, top_k: int, intermediate: int,
+                routed_scaling_factor: float, swiglu_limit: float | None, group_name: str) -> _Launch:
+    key = (kernel, group_name, x.device, num_local_experts, top_k, x.shape[1], intermediate,
+           routed_scaling_factor, swiglu_limit)
+    launch = _LAUNCHES.get(key)
+    if launch is not None and launch.version == _buffers_version:
+        return launch
+    api = _require_api(kernel)
+    group = group_for(group_name, x.device)
+    _buffer_for(kernel, group_name, group, x, num_local_experts, top_k, intermediate)  # reserves if none
+    shape = (group_name, _device_index(x.device), kernel, num_local_experts * group.size(), top_k, x.shape[1],
+             intermediate)
+    buffers = sorted(((k.max_tokens, b) for k, b in _BUFFERS.items()
+                      if (k.group_name, k.device_index, k.kernel, k.num_experts, k.top_k, k.hidden,
+                          k.intermediate) == shape), key=lambda kb: kb[0])
+    pre_kwargs = {"group_size": ACT_GROUP[kernel]}
+    scale_weights = None
+    if api.accepts("pre_dispatch", "routed_scaling_factor"):
+        pre_kwargs["routed_scaling_factor"] = float(routed_scaling_factor)
+    elif routed_scaling_factor != 1.0:
+        scale_weights = float(routed_scaling_factor)
+    pre_kwargs = _accepted(api.fns["pre_dispatch"], pre_kwargs)
+    mega_kwargs = _accepted(api.fns["kernel"], {
+        "recipe": DG_RECIPE[kernel], "activation": "swiglu",
+        "activation_clamp": None if swiglu_limit is None else float(swiglu_limit), "fast_math": True})
+    launch = _Launch(_buffers_version, kernel, buffers, api.fns["pre_dispatch"], pre_kwargs, scale_weights,
+                     api.fns["kernel"], mega_kwargs)
+    _LAUNCHES[key] = launch
+    return launch
+
+
+def _run(kernel: str, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
+         recipe, routed_scaling_factor, swiglu_limit, group_name):
+    if recipe != RECIPE[kernel]:
+        raise ValueError(f"megamoe: {kernel} takes recipe {RECIPE[kernel]!r} weights, got {recipe!r}")
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"megamoe: {kernel} takes bfloat16 activations, got {x.dtype}")
+    if w1_scale is None or w2_scale is None:
+        raise ValueError(f"megamoe: {kernel} needs weight scales (recipe {recipe!r})")
+    tokens, hidden = x.shape
+    if tokens == 0 and not group_name:
+        return x.new_empty((0, hidden))
+    # With expert parallelism a rank without tokens still launches: the other ranks' tokens may
+    # be routed to its experts, and every rank synchronises through the buffer.
+    launch = _launch_for(kernel, x, w1.shape[0], topk_idx.shape[1], w1.shape[1] // 2,
+                         routed_scaling_factor, swiglu_limit, group_name)
+    buffer = launch.buffer(tokens)  # raises before any launch when the tokens do not fit
+    x = x.contiguous()
+    topk_idx = topk_idx.contiguous()
+    topk_weights = topk_weights.contiguous()
+    if launch.scale_weights is not None:
+        topk_weights = topk_weights * launch.scale_weights
+    launch.pre_dispatch(x, topk_idx, topk_weights, buffer.x, buffer.x_sf, buffer.topk_idx, buffer.topk_weights,
+                        num_tokens=tokens, **launch.pre_kwargs)
+    y = torch.empty((tokens, hidden), dtype=torch.bfloat16, device=x.device)
+    launch.mega(y, (w1, w1_scale), (w2, w2_scale), buffer, **launch.mega_kwargs)
+    return y
+
+
+@register_kernel(SM90)
+def deepgemm_sm90(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
+                  recipe, routed_scaling_factor, swiglu_limit, group_name):
+    """Hopper: pre-dispatch (FP8 1x128 activations, routed scaling folded) + `fp8_mega_moe`."""
+    return _run(SM90, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
+                routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit, group_name=group_name)
+
+
+@register_kernel(SM100)
+def deepgemm_sm100(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
+                   recipe, routed_scaling_factor, swiglu_limit, group_name):
+    """Blackwell: pre-dispatch (FP8 1x32 UE8M0 activations) + `fp8_fp4_mega_moe` on MXFP4 weights."""
+    return _run(SM100, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
+                routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit, group_name=group_name)
