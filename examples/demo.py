@@ -68,7 +68,7 @@ def main() -> None:
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     dtype = getattr(torch, args.dtype)
     model = build_model(args.device, dtype, args.layers)
-    ids = torch.randint(0, model.config.vocab_size, (2, args.tokens), device=args.device,
+    ids = torch.randint(0, model.config.vocab_size, (2, args.tokens),
                         generator=torch.Generator().manual_seed(1)).to(args.device)
     print(f"model: DeepSeek-V4, {args.layers} layers, 16 experts top-4, {args.dtype} on {args.device}")
 

@@ -72,15 +72,19 @@ class MegaMoEBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
                  options: dict[str, Any] | None = None):
-        config, inner_options = MegaMoEConfig.from_options(options, base=self.config)
+        fields, inner_options = MegaMoEConfig.split_options(options)
+        # Without an explicit config, the one the model was prepared with; options= refine it.
+        config = self.config or _prepared_config(gm) or MegaMoEConfig()
+        if fields:
+            config = config.replace(**fields)
         original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if self._run_original else None
         fusions = self._fuse(gm, config)
         self.graphs.append(CompiledGraph(gm, fusions))
         if original is not None:
             return original.forward
-        return _inner_compile(gm, example_inputs, (config or MegaMoEConfig()).inner_backend, mode, inner_options)
+        return _inner_compile(gm, example_inputs, config.inner_backend, mode, inner_options)
 
-    def _fuse(self, gm: fx.GraphModule, config: MegaMoEConfig | None) -> list[LayerFusion]:
+    def _fuse(self, gm: fx.GraphModule, config: MegaMoEConfig) -> list[LayerFusion]:
         if hf.v4_classes() is None:
             return []
         _ensure_prepared(gm, config)
@@ -104,8 +108,8 @@ def megamoe_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = No
     return MegaMoEBackend()(gm, example_inputs, mode=mode, options=options)
 
 
-def _ensure_prepared(gm: fx.GraphModule, config: MegaMoEConfig | None) -> None:
-    """Prepare what the graph needs: re-plan blocks whose config changed, prepare an unprepared model."""
+def _ensure_prepared(gm: fx.GraphModule, config: MegaMoEConfig) -> None:
+    """Prepare what the graph needs: prepare an unprepared model, re-plan blocks planned for another config."""
     if unprepared_moe_weights(gm.graph):
         root = _module_being_compiled()
         if root is None:
@@ -113,12 +117,27 @@ def _ensure_prepared(gm: fx.GraphModule, config: MegaMoEConfig | None) -> None:
                         "the model being compiled is not reachable; call megamoe_compile.prepare(model) "
                         "before compiling. Those layers are left unfused.")
         else:
-            prep.prepare(root, config or getattr(root, "_megamoe_config", None) or MegaMoEConfig())
-    if config is not None:
-        for node in gm.graph.nodes:
-            block = prep.block_for_weight(t) if (t := _placeholder_tensor(node)) is not None else None
-            if block is not None:
-                prep.replan_block(block, config)
+            prep.prepare(root, config)
+    for block in _prepared_blocks(gm):
+        prep.replan_block(block, config)
+
+
+def _prepared_blocks(gm: fx.GraphModule):
+    seen = set()
+    for node in gm.graph.nodes:
+        t = _placeholder_tensor(node)
+        block = prep.block_for_weight(t) if t is not None else None
+        if block is not None and id(block) not in seen:
+            seen.add(id(block))
+            yield block
+
+
+def _prepared_config(gm: fx.GraphModule) -> MegaMoEConfig | None:
+    """The config `prepare` used for the MoE blocks of this graph (or of the model being compiled)."""
+    for block in _prepared_blocks(gm):
+        return block.experts._megamoe_plan.config
+    root = _module_being_compiled()
+    return getattr(root, "_megamoe_config", None) if root is not None else None
 
 
 def _placeholder_tensor(node: fx.Node):

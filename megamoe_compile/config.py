@@ -100,13 +100,11 @@ class MegaMoEConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_options(cls, options: dict[str, Any] | None, base: MegaMoEConfig | None = None):
+    def split_options(cls, options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split torch.compile `options=` into our fields and the rest (for the inner compiler)."""
-        base = base or cls()
         ours = {f.name for f in dataclasses.fields(cls)}
         options = dict(options or {})
-        mine = {k: options.pop(k) for k in list(options) if k in ours}
-        return (dataclasses.replace(base, **mine) if mine else base), options
+        return {k: options.pop(k) for k in list(options) if k in ours}, options
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

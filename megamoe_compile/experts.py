@@ -22,6 +22,7 @@ def megamoe_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
         hidden_states, top_k_index.to(torch.int32), top_k_weights.to(torch.float32),
         w1, w1_scale, w2, w2_scale, kernel=plan.kernel, recipe=plan.recipe,
         routed_scaling_factor=1.0, swiglu_limit=plan.spec.swiglu_limit,
+        group_name=plan.group_name, shared_batch=plan.shared_batch,
     )
 
 

@@ -17,6 +17,14 @@ TESTED_TRANSFORMERS = ">=5.23,<5.24"
 # the experts that were hit, which breaks dynamo's graph; prepare traces those layers through
 # "grouped_mm", which computes the same function (see `traced_implementation`).
 TRACEABLE_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+# transformers' fine-grained FP8 experts (`integrations/finegrained_fp8.py`, `FP8Experts`): the
+# module a quantized checkpoint's experts become. The pass knows the traced code of its grouped_mm
+# forward (`fp8_grouped_mm_experts_forward`); "eager" is traced through it like the dense class.
+FP8_EXPERTS_CLASS = "FP8Experts"
+FP8_TRACEABLE_IMPLEMENTATIONS = ("grouped_mm",)
+# The kernels' FP8 weight blocks; FP8Experts' `block_size` and scale grids must be these.
+FP8_BLOCK = (128, 128)
+MXFP4_GROUP = 32
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -28,6 +36,25 @@ def v4_classes():
     except ImportError:
         return None
     return m
+
+
+def fp8_integration():
+    """transformers' fine-grained FP8 integration module (holds `FP8Experts`), or None."""
+    try:
+        from transformers.integrations import finegrained_fp8 as f
+    except ImportError:
+        return None
+    return f if isinstance(getattr(f, FP8_EXPERTS_CLASS, None), type) else None
+
+
+def is_fp8_experts(experts: torch.nn.Module) -> bool:
+    """Whether `experts` is transformers' `FP8Experts` (quantized checkpoint), exactly that class.
+
+    `use_experts_implementation` wraps FP8Experts in place (no subclass), so `type(...) is` holds
+    for what `replace_with_fp8_linear` builds; a user subclass is not recognised.
+    """
+    f = fp8_integration()
+    return f is not None and type(experts) is getattr(f, FP8_EXPERTS_CLASS)
 
 
 @dataclass(frozen=True)
@@ -49,11 +76,16 @@ class MoESpec:
     dtype: torch.dtype
     device: torch.device
     expert_parallel: bool
+    # "DeepseekV4Experts" (the model's own experts) or "FP8Experts" (transformers' fine-grained FP8
+    # experts of a quantized checkpoint: FP8 blocks or packed MXFP4, with `*_scale_inv` tensors).
+    experts_class: str = "DeepseekV4Experts"
 
     @property
     def traced_implementation(self) -> str:
         impl = self.experts_implementation
-        return "grouped_mm" if impl in (None, "eager") else impl
+        base = "grouped_mm" if impl in (None, "eager") else impl
+        # FP8Experts' forwards call transformers' finegrained-fp8 kernels: other traced code.
+        return "fp8_" + base if self.experts_class == FP8_EXPERTS_CLASS else base
 
 
 def find_moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -78,7 +110,8 @@ def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
         router = "topk"
     else:
         return None, f"unknown router {type(gate).__name__}"
-    if type(experts) is not m.DeepseekV4Experts:
+    quantized = is_fp8_experts(experts)
+    if type(experts) is not m.DeepseekV4Experts and not quantized:
         return None, f"unknown experts module {type(experts).__name__}"
     scoring_func = _scoring_name(gate.score_fn)
     if scoring_func is None:
@@ -91,7 +124,11 @@ def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
         return None, "experts apply a post-expert norm"
     if type(experts.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
         return None, f"experts activation is {type(experts.act_fn).__name__}, not SiLU (SwiGLU)"
-    if "_apply_gate" in vars(experts) or type(experts)._apply_gate is not m.DeepseekV4Experts._apply_gate:
+    if quantized:
+        why = _fp8_experts_problem(experts)
+        if why:
+            return None, why
+    elif "_apply_gate" in vars(experts) or type(experts)._apply_gate is not m.DeepseekV4Experts._apply_gate:
         return None, "experts gating function was replaced"
     gate_up, down = experts.gate_up_proj, experts.down_proj
     weight_format = _weight_format(experts)
@@ -103,6 +140,9 @@ def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
     intermediate = two_i // 2
     limit = getattr(experts, "limit", None)
     impl = experts_implementation(experts)
+    if quantized and impl not in (None, "eager", *FP8_TRACEABLE_IMPLEMENTATIONS):
+        return None, (f"experts_implementation {impl!r} of {FP8_EXPERTS_CLASS} is not one the pass recognises "
+                      f"{['eager', *FP8_TRACEABLE_IMPLEMENTATIONS]}")
     if impl not in (None, "eager", *TRACEABLE_IMPLEMENTATIONS):
         return None, f"experts_implementation {impl!r} is not one the pass recognises {['eager', *TRACEABLE_IMPLEMENTATIONS]}"
     spec = MoESpec(
@@ -118,9 +158,10 @@ def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
         swiglu_limit=None if limit is None else float(limit),
         experts_implementation=impl,
         weight_format=weight_format,
-        dtype=block.shared_experts.down_proj.weight.dtype,
+        dtype=_activation_dtype(block),
         device=gate_up.device,
         expert_parallel=bool(getattr(experts, "_is_expert_parallel", False)),
+        experts_class=FP8_EXPERTS_CLASS if quantized else "DeepseekV4Experts",
     )
     if tuple(down.shape[-2:]) != (spec.hidden, spec.intermediate // (2 if weight_format == "mxfp4" else 1)):
         return None, f"down_proj shape {tuple(down.shape)} does not fit gate_up_proj {tuple(gate_up.shape)}"
@@ -132,6 +173,71 @@ def experts_implementation(experts: torch.nn.Module) -> str | None:
     original = getattr(experts, "_megamoe_original_config", None)
     config = original if original is not None else getattr(experts, "config", None)
     return getattr(config, "_experts_implementation", None)
+
+
+def fp8_expert_scales(experts: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """FP8Experts' dequantization scales (`gate_up_proj_scale_inv`, `down_proj_scale_inv`)."""
+    return getattr(experts, "gate_up_proj_scale_inv", None), getattr(experts, "down_proj_scale_inv", None)
+
+
+def _fp8_experts_problem(experts: torch.nn.Module) -> str:
+    """Why an `FP8Experts` module is not what the fused op computes ("" when it is).
+
+    Facts (transformers 5.23, `integrations/finegrained_fp8.py`): `gate_up_proj [E, 2I, H]` and
+    `down_proj [E, H, I]` are float8_e4m3fn with `*_scale_inv [E, N/128, K/128]` (float32, or
+    float8_e8m0fnu for scale_fmt="ue8m0"), or, for `expert_dtype="fp4"`, int8 with two E2M1 codes
+    per byte (`[E, N, K/2]`, low nibble first) and `*_scale_inv [E, N, K/32]` UE8M0. Activations are
+    quantized dynamically inside transformers' kernels ("dynamic"); "static" uses per-expert
+    activation scales the fused kernels do not take.
+    """
+    f = fp8_integration()
+    if getattr(experts, "activation_scheme", None) != "dynamic":
+        return f"FP8 experts use activation_scheme={getattr(experts, 'activation_scheme', None)!r}; the fused kernels quantize activations dynamically"
+    for attr in ("swiglu_alpha", "gate_softcap", "up_softcap"):
+        if getattr(experts, attr, None) is not None:
+            return f"FP8 experts apply {attr}={getattr(experts, attr)!r}; the fused kernel computes a clamped SwiGLU only"
+    gate_fn = type(experts)._apply_gate
+    if "_apply_gate" in vars(experts) or getattr(gate_fn, "__qualname__", "") != f"{FP8_EXPERTS_CLASS}._apply_gate" \
+            or getattr(gate_fn, "__module__", None) != f.__name__:
+        return "experts gating function was replaced"
+    w1, w2 = experts.gate_up_proj, experts.down_proj
+    s1, s2 = fp8_expert_scales(experts)
+    if not isinstance(s1, torch.Tensor) or not isinstance(s2, torch.Tensor):
+        return "FP8 experts without gate_up_proj_scale_inv/down_proj_scale_inv"
+    if w1.dim() != 3 or w2.dim() != 3 or w1.shape[0] != w2.shape[0]:
+        return f"FP8 expert weights of shapes {tuple(w1.shape)}, {tuple(w2.shape)} are not [E, N, K]"
+    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    if w1.dtype == torch.float8_e4m3fn and w2.dtype == torch.float8_e4m3fn:
+        block = tuple(experts.block_size) if experts.block_size is not None else None
+        if block != FP8_BLOCK:
+            return f"FP8 experts with weight_block_size {block}; the kernels take {list(FP8_BLOCK)} blocks"
+        for name, w, s in (("gate_up_proj", w1, s1), ("down_proj", w2, s2)):
+            grid = (w.shape[0], w.shape[1] // FP8_BLOCK[0], w.shape[2] // FP8_BLOCK[1])
+            if w.shape[1] % FP8_BLOCK[0] or w.shape[2] % FP8_BLOCK[1] or tuple(s.shape) != grid:
+                return f"FP8 {name} {tuple(w.shape)} with scales {tuple(s.shape)} is not a whole grid of 128x128 blocks"
+            if s.dtype not in (torch.float32, e8m0):
+                return f"FP8 {name}_scale_inv of dtype {s.dtype} (expected float32 or float8_e8m0fnu)"
+        return ""
+    if w1.dtype == torch.int8 and w2.dtype == torch.int8:
+        for name, w, s in (("gate_up_proj", w1, s1), ("down_proj", w2, s2)):
+            grid = (w.shape[0], w.shape[1], w.shape[2] * 2 // MXFP4_GROUP)
+            if (w.shape[2] * 2) % MXFP4_GROUP or tuple(s.shape) != grid:
+                return f"FP4 {name} {tuple(w.shape)} with scales {tuple(s.shape)} is not MXFP4 (one scale per 1x32)"
+            if e8m0 is None or s.dtype != e8m0:
+                # scale_fmt="float" stores FP4 scales as float32; transformers' own FP4 kernels
+                # take UE8M0 only, and a float32 scale need not be a power of two.
+                return f"FP4 {name}_scale_inv of dtype {s.dtype}; MXFP4 needs UE8M0 (scale_fmt='ue8m0') scales"
+        return ""
+    return f"FP8 expert weights of dtypes {w1.dtype}/{w2.dtype} are not a format we read (float8_e4m3fn or int8-packed FP4)"
+
+
+def _activation_dtype(block: torch.nn.Module) -> torch.dtype:
+    """The dtype the block's activations run in: a quantized checkpoint's shared expert holds FP8
+    weights, so read it from the router (transformers never quantizes it) in that case."""
+    dtype = block.shared_experts.down_proj.weight.dtype
+    if dtype.is_floating_point and torch.finfo(dtype).bits >= 16:
+        return dtype
+    return block.gate.weight.dtype
 
 
 def _scoring_name(score_fn: torch.nn.Module) -> str | None:

@@ -8,6 +8,7 @@ experts module as non-persistent buffers so they move with `model.to()` and stay
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -47,6 +48,12 @@ class LayerPlan:
     original_bytes: int = 0
     prepared_bytes: int = 0
     released: bool = False  # the original expert weights were freed (release_original_weights)
+    # Expert parallelism: the op's process group ("" = none), this rank's experts, and whether all
+    # ranks share one batch (each fuses a slice) or each has its own.
+    group_name: str = ""
+    local_experts: tuple[int, int] | None = None
+    shared_batch: bool = False
+    config: MegaMoEConfig | None = field(default=None, repr=False)
     fingerprint: tuple = ()
 
 
@@ -58,9 +65,10 @@ def prepare(model: torch.nn.Module, config: MegaMoEConfig | None = None) -> torc
     """
     config = config or MegaMoEConfig()
     blocks = hf.find_moe_blocks(model)
+    ep = ExpertParallel.from_config(config)
     start, shown = time.perf_counter(), False
     for i, (name, block) in enumerate(blocks):
-        plan = _plan_layer(name, block, config)
+        plan = _plan_layer(name, block, config, ep)
         if plan.fuse:
             log.info("megamoe: %s -> %s (%s)", name, plan.kernel, plan.recipe)
         else:
@@ -69,13 +77,72 @@ def prepare(model: torch.nn.Module, config: MegaMoEConfig | None = None) -> torc
         if elapsed > 2.0 and (not shown or i + 1 == len(blocks) or i % 4 == 0):
             log.warning("megamoe: prepared %d/%d MoE layers (%.1f s)", i + 1, len(blocks), elapsed)
             shown = True
+    if ep is not None:
+        ep.check_consistent(layer_plans(model))
     model._megamoe_config = config
     return model
 
 
+@dataclass(frozen=True)
+class ExpertParallel:
+    """This rank's place in the expert-parallel group the config names."""
+
+    group: object
+    group_name: str
+    world: int
+    rank: int
+    shared_batch: bool
+
+    @classmethod
+    def from_config(cls, config: MegaMoEConfig) -> ExpertParallel | None:
+        if config.ep_mode == "none":
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"MegaMoEConfig.ep_mode={config.ep_mode!r} needs torch.distributed initialised "
+                             "on every rank (e.g. under torchrun: dist.init_process_group())")
+        group = config.ep_group or dist.group.WORLD
+        return cls(group, str(group.group_name), dist.get_world_size(group), dist.get_rank(group),
+                   config.ep_mode == "shared_batch")
+
+    def local_range(self, spec: hf.MoESpec) -> tuple[int, int]:
+        """[first, last) global expert ids this rank holds."""
+        if spec.expert_parallel:  # transformers already sharded the experts: keep its shard
+            local = spec.num_experts
+        else:
+            if spec.num_experts % self.world:
+                raise ValueError(f"{spec.name}: {spec.num_experts} experts cannot be split evenly over "
+                                 f"an expert-parallel group of {self.world} ranks")
+            local = spec.num_experts // self.world
+        return self.rank * local, (self.rank + 1) * local
+
+    def check_consistent(self, plans: list[LayerPlan]) -> None:
+        """Fail on every rank, not hang in a kernel, when ranks planned differently."""
+        import socket
+
+        import torch.distributed as dist
+
+        mine = {"host": socket.gethostname(),
+                "layers": [(p.name, p.fuse, p.kernel, p.recipe, p.shared_batch,
+                            p.spec and (p.spec.num_experts, p.spec.hidden, p.spec.intermediate, p.spec.top_k))
+                           for p in plans]}
+        every = [None] * self.world
+        dist.all_gather_object(every, mine, group=self.group)
+        for r, theirs in enumerate(every):
+            if theirs["layers"] != mine["layers"]:
+                diff = next((a, b) for a, b in zip(mine["layers"] + [None], theirs["layers"] + [None]) if a != b)
+                raise ValueError(f"megamoe: expert-parallel ranks planned differently (rank {self.rank} vs rank {r}): "
+                                 f"{diff[0]} != {diff[1]}; give every rank the same model and MegaMoEConfig")
+        hosts = {theirs["host"] for theirs in every}
+        if len(hosts) > 1 and any(p.fuse and p.kernel != "reference" for p in plans):
+            raise ValueError(f"megamoe: the expert-parallel group spans hosts {sorted(hosts)}; DeepGEMM MegaMoE "
+                             "exchanges tokens through NVLink symmetric memory within one node")
+
+
 def replan_block(block: torch.nn.Module, config: MegaMoEConfig) -> LayerPlan:
     """Re-plan one prepared block for `config` (no work when its plan already matches)."""
-    return _plan_layer(block.experts._megamoe_plan.name, block, config)
+    return _plan_layer(block.experts._megamoe_plan.name, block, config, ExpertParallel.from_config(config))
 
 
 def layer_plans(model: torch.nn.Module) -> list[LayerPlan]:
@@ -102,7 +169,8 @@ def kernel_weights(experts: torch.nn.Module) -> layouts.KernelWeights:
 
 # -- planning ---------------------------------------------------------------------------------
 
-def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig) -> LayerPlan:
+def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
+                ep: ExpertParallel | None = None) -> LayerPlan:
     experts = block.experts
     old = getattr(experts, "_megamoe_plan", None)
     if getattr(experts, "_megamoe_released", False):
@@ -125,7 +193,7 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig) -> Lay
         selected, why = config.selects(block, name, index)
         if not selected:
             plan.reason = why
-        elif spec.expert_parallel and config.ep_mode == "none":
+        elif spec.expert_parallel and ep is None:
             plan.reason = "experts are sharded by transformers' expert parallelism; set ep_mode to fuse them"
         else:
             kernel, recipe, why = choose_kernel(config, spec)
@@ -133,14 +201,17 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig) -> Lay
                 plan.reason = why
             else:
                 plan.fuse, plan.kernel, plan.recipe = True, kernel, recipe
-                _build(experts, spec, plan)
+                if ep is not None:
+                    plan.group_name, plan.shared_batch = ep.group_name, ep.shared_batch
+                    plan.local_experts = ep.local_range(spec)
+                _build(experts, spec, plan, config, ep)
                 if spec.experts_implementation in (None, "eager"):
                     _trace_through_grouped_mm(experts)
                     plan.notes.append(
                         "experts_implementation 'eager' loops in Python (a graph break); this layer "
                         "is traced through 'grouped_mm', which computes the same function"
                     )
-    plan.fingerprint = fingerprint
+    plan.fingerprint, plan.config = fingerprint, config
     experts._megamoe_plan = plan
     _BLOCK_BY_WEIGHT[experts.gate_up_proj] = weakref.ref(block)
     if plan.fuse and config.release_original_weights and plan.recipe != "none":
@@ -197,15 +268,21 @@ def recipe_problem(kernel: str, recipe: str, spec: hf.MoESpec) -> str:
     return ""
 
 
-def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan) -> None:
+def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: MegaMoEConfig,
+           ep: ExpertParallel | None) -> None:
     from .ops import deepgemm
 
     with torch.no_grad():
-        weights = layouts.to_recipe(layouts.source_weights(experts, spec.weight_format),
-                                    spec.weight_format, plan.recipe)
+        source = layouts.source_weights(experts, spec.weight_format)
+        if plan.local_experts is not None and not spec.expert_parallel:
+            source = source.experts(*plan.local_experts)  # this rank's experts only
+        weights = layouts.to_recipe(source, spec.weight_format, plan.recipe)
         if plan.kernel != "reference":
             weights = deepgemm.layout_weights(plan.kernel, weights)
-    if plan.recipe == "none":
+            local = dataclasses.replace(spec, num_experts=weights.w1.shape[0])
+            deepgemm.reserve_buffer(plan.kernel, local, config.max_tokens_per_rank,
+                                    group=None if ep is None else ep.group)
+    if plan.recipe == "none" and plan.local_experts is None:
         plan.prepared_bytes = 0  # the kernel reads the model's own weights
         return
     for key, tensor in weights.tensors().items():

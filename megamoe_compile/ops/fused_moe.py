@@ -45,14 +45,20 @@ def fused_moe(
     routed_scaling_factor: float,
     swiglu_limit: float | None,
     group_name: str = "",
+    shared_batch: bool = False,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer.
 
     x [T, H] (bf16/fp32); topk_idx [T, K] int32 global expert ids; topk_weights [T, K] float32,
     multiplied by `routed_scaling_factor` inside the op. w1 = gate/up [E, 2I, H] (gate rows first,
     or the kernel's own layout), w2 = down [E, H, I], in the storage of `recipe` with optional
-    scales. `group_name` names an expert-parallel process group ("" = this process alone).
-    Returns [T, H] in x.dtype.
+    scales. Returns [T, H] in x.dtype.
+
+    Expert parallelism: `group_name` names a process group ("" = this process alone) over which
+    the experts are split evenly and contiguously (w1/w2 hold this rank's E / world_size experts;
+    topk_idx holds global ids). Each rank passes its own tokens and gets them back fully combined;
+    every rank must make the same calls. With `shared_batch` all ranks hold the same tokens: each
+    computes an even slice of them and the slices are gathered, so every rank gets all rows.
     """
     _check_common(x, topk_idx, topk_weights)
     try:
@@ -61,16 +67,48 @@ def fused_moe(
         raise ValueError(
             f"megamoe.fused_moe: unknown kernel {kernel!r}; registered: {sorted(_KERNELS)}"
         ) from None
-    return impl(
-        x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale,
-        recipe=recipe, routed_scaling_factor=routed_scaling_factor,
-        swiglu_limit=swiglu_limit, group_name=group_name,
-    )
+
+    def run(x, topk_idx, topk_weights):
+        return impl(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
+                    routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit,
+                    group_name=group_name)
+
+    if shared_batch and group_name:
+        return _shared_batch(run, x, topk_idx, topk_weights, group_name)
+    return run(x, topk_idx, topk_weights)
+
+
+def _shared_batch(run, x, topk_idx, topk_weights, group_name):
+    """Every rank holds the same T tokens: rank r fuses rows [r*S, (r+1)*S), S = ceil(T / W)."""
+    import torch.distributed as dist
+
+    group = resolve_group(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    tokens = x.shape[0]
+    per_rank = -(-tokens // world)
+    lo, hi = min(rank * per_rank, tokens), min((rank + 1) * per_rank, tokens)
+    mine = run(x[lo:hi], topk_idx[lo:hi], topk_weights[lo:hi])
+    padded = mine.new_zeros(per_rank, x.shape[1])
+    padded[: hi - lo] = mine
+    gathered = padded.new_empty(world * per_rank, x.shape[1])
+    dist.all_gather_into_tensor(gathered, padded, group=group)
+    return gathered[:tokens]
+
+
+def resolve_group(group_name: str):
+    """The torch.distributed process group registered under `group_name`."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        return _resolve_process_group(group_name)
+    except Exception as e:
+        raise RuntimeError(f"megamoe.fused_moe: no process group named {group_name!r} ({e}); "
+                           "expert parallelism needs torch.distributed initialised on every rank") from None
 
 
 @fused_moe.register_fake
 def _(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel, recipe,
-      routed_scaling_factor, swiglu_limit, group_name=""):
+      routed_scaling_factor, swiglu_limit, group_name="", shared_batch=False):
     _check_common(x, topk_idx, topk_weights)
     return x.new_empty(x.shape)
 

@@ -23,6 +23,13 @@ class KernelWeights:
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {"w1": self.w1, "w1_scale": self.w1_scale, "w2": self.w2, "w2_scale": self.w2_scale}
 
+    def experts(self, first: int, last: int) -> KernelWeights:
+        """The weights of experts [first, last) (views, no copy)."""
+        def part(t):
+            return None if t is None else t[first:last]
+
+        return KernelWeights(part(self.w1), part(self.w1_scale), part(self.w2), part(self.w2_scale))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)
 
@@ -32,12 +39,32 @@ _SCALE_NAMES = ("{}_scale_inv", "{}_scale", "{}_weight_scale_inv")
 
 
 def source_weights(experts: torch.nn.Module, weight_format: str) -> KernelWeights:
-    """The experts' weights as stored: dense, FP8 blocks with scales, or packed MXFP4 with scales."""
+    """The experts' weights as stored: dense, FP8 blocks with scales, or packed MXFP4 with scales.
+
+    transformers' `FP8Experts` (a quantized checkpoint loaded without dequantizing) holds
+    `gate_up_proj`/`down_proj` as float8_e4m3fn with `*_scale_inv [E, N/128, K/128]` (float32 or
+    float8_e8m0fnu), or as int8-packed E2M1 `[E, N, K/2]` with `*_scale_inv [E, N, K/32]`
+    float8_e8m0fnu. These are returned as they are (the same tensors, no copy).
+    """
     w1, w2 = experts.gate_up_proj, experts.down_proj
     if weight_format == "dense":
         return KernelWeights(w1, None, w2, None)
     s1, s2 = (_find_scale(experts, n) for n in ("gate_up_proj", "down_proj"))
+    for name, w, s in (("gate_up_proj", w1, s1), ("down_proj", w2, s2)):
+        _check_scale_grid(name, w, s, weight_format)
     return KernelWeights(w1, s1, w2, s2)
+
+
+def _check_scale_grid(name: str, w: torch.Tensor, s: torch.Tensor, weight_format: str) -> None:
+    """A scale tensor must be the grid its format implies; anything else would be misread."""
+    *lead, n, k = w.shape
+    if weight_format == "fp8":
+        expected = (*lead, n // 128, k // 128) if n % 128 == 0 and k % 128 == 0 else None
+    else:  # mxfp4: k counts bytes, two values each
+        expected = (*lead, n, k * 2 // quant.MXFP4_BLOCK) if (k * 2) % quant.MXFP4_BLOCK == 0 else None
+    if expected is None or tuple(s.shape) != expected:
+        raise ValueError(f"{name} {tuple(w.shape)} ({weight_format}) has scales of shape {tuple(s.shape)}, "
+                         f"expected {expected} ({'128x128 blocks' if weight_format == 'fp8' else '1x32 groups'})")
 
 
 def _find_scale(experts: torch.nn.Module, name: str) -> torch.Tensor:
@@ -85,4 +112,9 @@ def _as_e8m0(scale: torch.Tensor) -> torch.Tensor:
     if hasattr(torch, "float8_e8m0fnu") and scale.dtype == torch.float8_e8m0fnu:
         return scale.view(torch.uint8)
     exponent = torch.log2(scale.float()).round()
-    return (exponent + 127).clamp(0, 254).to(torch.uint8)
+    e = (exponent + 127).clamp(0, 254).to(torch.uint8)
+    # Float scales are accepted only when they are exactly powers of two: rounding any other
+    # value to one would silently change the weights.
+    if not torch.equal(quant.e8m0_to_float(e), scale.float()):
+        raise ValueError("MXFP4 scales given as floats must be exact powers of two in the UE8M0 range")
+    return e

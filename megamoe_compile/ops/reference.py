@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
-from .fused_moe import register_kernel
+from .fused_moe import register_kernel, resolve_group
 
 # recipe -> (activation group along K, power-of-two activation scales)
 _ACTIVATION_GROUPS = {"fp8": (128, False), "fp8_fp4": (32, True)}
@@ -41,18 +41,58 @@ def reference_fused_moe(
     recipe, routed_scaling_factor, swiglu_limit, group_name,
 ):
     if group_name:
-        raise NotImplementedError("reference kernel: expert parallelism needs the DeepGEMM kernel")
-    num_experts = w1.shape[0]
+        return _expert_parallel(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
+                                routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit,
+                                group_name=group_name)
+    out = _local_experts(x, topk_idx, topk_weights * routed_scaling_factor, w1, w1_scale, w2, w2_scale,
+                         recipe, swiglu_limit, first_expert=0, num_experts=w1.shape[0])
+    return out.to(x.dtype)
+
+
+def _expert_parallel(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *, recipe,
+                     routed_scaling_factor, swiglu_limit, group_name):
+    """Expert parallelism with plain collectives (any backend, gloo included): every rank sees
+    every rank's tokens, adds what its own experts contribute, and the sums come back home."""
+    import torch.distributed as dist
+
+    group = resolve_group(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = w1.shape[0]
+    counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device), group=group)
+    counts = [int(c) for c in counts]
+    most = max(counts)
+
+    def gather(t, fill):
+        padded = t.new_full((most, *t.shape[1:]), fill)
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat(parts)
+
+    # Padding rows route to expert -1, which no rank owns.
+    xs, ids, ws = gather(x, 0), gather(topk_idx, -1), gather(topk_weights * routed_scaling_factor, 0)
+    partial = _local_experts(xs, ids, ws, w1, w1_scale, w2, w2_scale, recipe, swiglu_limit,
+                             first_expert=rank * local, num_experts=local * world)
+    dist.all_reduce(partial, group=group)
+    return partial[rank * most: rank * most + counts[rank]].to(x.dtype)
+
+
+def _local_experts(x, topk_idx, weights, w1, w1_scale, w2, w2_scale, recipe, swiglu_limit, *,
+                   first_expert, num_experts):
+    """float32 [T, H]: the contribution of experts [first_expert, first_expert + w1.shape[0])."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if x.shape[0] == 0:
-        return out.to(x.dtype)
-    weights = topk_weights * routed_scaling_factor
+        return out
     compute_dtype = x.dtype if recipe == "none" else torch.float32
     # One pass per expert that some token picked: only those weights are read (and dequantized).
-    for e in torch.unique(topk_idx).tolist():
-        if not 0 <= e < num_experts:
-            raise ValueError(f"reference kernel: expert id {e} outside [0, {num_experts})")
-        token, slot = torch.where(topk_idx == e)
+    for global_e in torch.unique(topk_idx).tolist():
+        if not -1 <= global_e < num_experts:  # -1: no expert (padding rows, masked slots)
+            raise ValueError(f"reference kernel: expert id {global_e} outside [0, {num_experts})")
+        e = global_e - first_expert
+        if not 0 <= e < w1.shape[0]:
+            continue  # another rank's expert, or none
+        token, slot = torch.where(topk_idx == global_e)
         h = F.linear(_activations(x[token], recipe).to(compute_dtype),
                      expert_weight(w1, w1_scale, recipe, e).to(compute_dtype))
         gate, up = h.chunk(2, dim=-1)
@@ -63,4 +103,4 @@ def reference_fused_moe(
         y = F.linear(_activations(h, recipe).to(compute_dtype),
                      expert_weight(w2, w2_scale, recipe, e).to(compute_dtype))
         out.index_add_(0, token, y.float() * weights[token, slot, None])
-    return out.to(x.dtype)
+    return out

@@ -80,7 +80,7 @@ def unprepared_moe_weights(graph: fx.Graph) -> bool:
         return False
     for node in graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
-        if any(cls is m.DeepseekV4Experts or getattr(cls, "__name__", None) == "DeepseekV4Experts"
+        if any(cls is m.DeepseekV4Experts or getattr(cls, "__name__", None) in ("DeepseekV4Experts", hf.FP8_EXPERTS_CLASS)
                for _, cls in stack.values()):
             for arg in node.all_input_nodes:
                 t = _real_tensor(arg) if arg.op == "placeholder" else None
@@ -101,18 +101,35 @@ def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module, experts_key: str) -> L
     spec = plan.spec
     result.traced_as = spec.traced_implementation
     try:
-        match = _match(gm.graph, block, experts_key, spec)
-        _check_runtime(match, spec, plan)
+        if plan.released:  # prepare installed the fused op as the experts' own forward
+            result.traced_as = "megamoe"
+            _check_already_fused(gm.graph, experts_key, block, plan)
+        else:
+            match = _match(gm.graph, block, experts_key, spec)
+            _check_runtime(match, spec, plan)
     except NoMatch as e:
         result.reason = str(e)
         log.info("megamoe: %s not fused: %s", plan.name, e)
         return result
-    _rewrite(gm, match, block, plan)
+    if not plan.released:
+        _rewrite(gm, match, block, plan)
     result.fused, result.kernel, result.recipe = True, plan.kernel, plan.recipe
     result.notes = list(plan.notes)
     torch._dynamo.utils.counters["megamoe"]["fused_moe"] += 1
     log.info("megamoe: fused %s -> megamoe.fused_moe (kernel %s, recipe %s)", plan.name, plan.kernel, plan.recipe)
     return result
+
+
+def _check_already_fused(graph: fx.Graph, experts_key: str, block, plan: prep.LayerPlan) -> None:
+    region = _region(graph, experts_key)
+    ex = _match_sequence(region, patterns.EXPERTS_ALREADY_FUSED, "experts")
+    op = ex["op"]
+    _expect(op.target in (torch.ops.megamoe.fused_moe, torch.ops.megamoe.fused_moe.default),
+            "experts call another op than megamoe.fused_moe")
+    _expect(op.args[1] is ex["ids32"] and op.args[2] is ex["weights32"], "fused op does not take the routed ids/weights")
+    experts = block.experts
+    _expect(_is_tensor(op.args[3], experts.megamoe_w1) and _is_tensor(op.args[5], experts.megamoe_w2),
+            "fused op does not use this layer's prepared weights")
 
 
 @dataclass
@@ -209,6 +226,8 @@ def _check_experts(ex: dict[str, fx.Node], ro: dict[str, fx.Node], block, spec: 
         _expect(_const(ex["token_of_row"].args[1]) == k, "row -> token map does not divide by top_k")
         w1, w2 = ex["w1_t"].args[0], ex["w2_t"].args[0]
         _expect(ex["mm1"].args[1] is ex["w1_t"] and ex["mm2"].args[1] is ex["w2_t"], "grouped matmuls use other weights")
+    elif spec.traced_implementation == "fp8_grouped_mm":
+        hidden, w1, w2 = _check_finegrained_grouped(ex, experts, spec)
     else:
         hidden = ex["rows"].args[0]
         _expect(_const(ex["rows"].args[1]) == k, "tokens are not repeated top_k times")
@@ -230,6 +249,103 @@ def _check_experts(ex: dict[str, fx.Node], ro: dict[str, fx.Node], block, spec: 
     _expect(_const(per_slot.args[2] if len(per_slot.args) > 2 else None) == k, "combine does not view [T, top_k, H]")
     _expect(combine.args[0] is per_slot and _dim_arg(combine, 1, "dim") == 1, "combine does not sum over top_k")
     return hidden, w1, w2
+
+
+def _check_finegrained_grouped(ex: dict[str, fx.Node], experts, spec: hf.MoESpec):
+    """Dataflow and constants of `fp8_grouped_mm_experts_forward` (transformers' FP8Experts).
+
+    Every edge the fused op's semantics rely on is checked: rows sorted by expert and mapped back
+    to tokens by perm // top_k, per-expert counts over exactly num_experts bins, both matmuls on
+    this module's own weights and scales (the tensors `layouts.source_weights` reads), the kernel
+    op that matches the weight format, the routing weights applied to the down projection, and
+    the inverse permutation before the per-token sum.
+    """
+    k, num_experts = spec.top_k, spec.num_experts
+    sort, perm, ids_sorted = ex["sort"], ex["perm"], ex["ids_sorted"]
+    _expect(sort.args[0] is ex["ids_flat"] and _dim_arg(sort, 1, "dim", -1) in (-1, 0)
+            and not sort.kwargs.get("descending", False) and not (len(sort.args) > 2 and sort.args[2]),
+            "experts are not sorted ascending by routed id")
+    _expect(ids_sorted.args == (sort, 0) and perm.args == (sort, 1), "sort outputs used the wrong way round")
+    token_of_row, rows = ex["token_of_row"], ex["rows"]
+    _expect(token_of_row.args[0] is perm and _const(token_of_row.args[1]) == k,
+            "row -> token map is not perm // top_k")
+    _expect(len(rows.args) == 2 and rows.args[1] is token_of_row, "rows are not hidden[perm // top_k]")
+    hidden = rows.args[0]
+    _expect(ex["weights_sorted"].args == (ex["weights_flat"], perm), "routing weights are not permuted like the rows")
+    histc_input, counts, offsets = ex["histc_input"], ex["counts"], ex["offsets"]
+    _expect(histc_input.args[0] is ids_sorted, "expert counts are not over the sorted ids")
+    bins = counts.kwargs.get("bins", counts.args[1] if len(counts.args) > 1 else None)
+    lo = counts.kwargs.get("min", counts.args[2] if len(counts.args) > 2 else None)
+    hi = counts.kwargs.get("max", counts.args[3] if len(counts.args) > 3 else None)
+    _expect(counts.args[0] is histc_input and _const(bins) == num_experts and _const(lo) == 0
+            and _const(hi) == num_experts - 1, f"expert counts are not histc over {num_experts} experts")
+    _expect(offsets.args[0] is counts and _dim_arg(offsets, 1, "dim", None) == 0,
+            "expert offsets are not the cumulative counts")
+    _expect(offsets.kwargs.get("dtype") == torch.int32, "expert offsets are not int32")
+
+    expected_op = patterns.FINEGRAINED_GROUPED_MATMULS[spec.weight_format]
+    s1, s2 = hf.fp8_expert_scales(experts)
+    hidden_value = hidden.meta.get("example_value")
+    for mm, source, weight, scale in ((ex["mm1"], rows, experts.gate_up_proj, s1),
+                                      (ex["mm2"], ex["swiglu"], experts.down_proj, s2)):
+        _expect(_op_name(mm) == expected_op and _op_namespace(mm).startswith(patterns.FINEGRAINED_FP8_NAMESPACE),
+                f"expert matmul is {_op_namespace(mm)}::{_op_name(mm)}, not the finegrained-fp8 {expected_op} "
+                f"that {spec.weight_format} weights take")
+        _expect(not mm.kwargs, "expert matmul has keyword arguments")
+        _expect(mm.args[0] is source, "expert matmul reads the wrong activations")
+        _expect(_is_tensor(mm.args[1], weight) and _is_tensor(mm.args[2], scale),
+                "expert matmul does not use this module's weights and scale_inv")
+        _expect(mm.args[3] is offsets and mm.args[4] is counts, "expert matmul is not grouped by these offsets")
+        rest = list(mm.args[5:])
+        if spec.weight_format == "fp8":
+            _expect(bool(rest) and _int_list(rest.pop(0)) == list(hf.FP8_BLOCK),
+                    f"FP8 expert matmul block size is not {list(hf.FP8_BLOCK)}")
+        out_dtype = rest.pop(0) if rest else None
+        _expect(not rest and (out_dtype is None or (hidden_value is not None and out_dtype == hidden_value.dtype)),
+                "expert matmul output dtype is not the activations' dtype")
+    _expect(ex["chunk"].args[0] is ex["mm1"], "gate/up split is not of the first matmul's output")
+    cast, col, weighted = ex["weights_cast"], ex["weights_col"], ex["weighted"]
+    _expect(cast.args[0] is ex["weights_sorted"] and _dim_arg(col, 1, "dim") == -1 and col.args[0] is cast,
+            "routing weights are not a column of the sorted weights")
+    _expect(set(weighted.args) == {ex["mm2"], col} and len(weighted.args) == 2,
+            "down projection is not multiplied by the routing weights")
+    inv_perm, positions, scatter, unsorted = ex["inv_perm"], ex["positions"], ex["scatter"], ex["unsorted"]
+    _expect(inv_perm.args[0] is perm and scatter.args == (inv_perm, perm, positions),
+            "inverse permutation is not inv[perm] = arange")
+    _expect(len(positions.args) == 1 and _same_size(positions.args[0], perm),
+            "inverse permutation does not cover every row")
+    _expect(unsorted.args == (weighted, inv_perm), "rows are not restored to token order")
+    _expect(ex["per_slot"].args[0] is unsorted, "combine does not read the restored rows")
+    return hidden, ex["mm1"].args[1], ex["mm2"].args[1]
+
+
+def _same_size(arg, node: fx.Node) -> bool:
+    """Whether `arg` (an int or a SymInt node) is the length of `node`'s 1-D value."""
+    value = node.meta.get("example_value")
+    if value is None or value.dim() != 1:
+        return False
+    size = value.shape[0]
+    if isinstance(arg, fx.Node):
+        arg = arg.meta.get("example_value")
+    if isinstance(arg, int) and isinstance(size, int):
+        return arg == size
+    return isinstance(arg, torch.SymInt) and isinstance(size, torch.SymInt) and str(arg) == str(size)
+
+
+def _op_namespace(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::")[0]
+    return ""
+
+
+def _int_list(arg):
+    if isinstance(arg, (list, tuple)):
+        values = [_const(a) for a in arg]
+        return values if all(isinstance(v, int) for v in values) else None
+    return None
 
 
 def _check_runtime(match: _Match, spec: hf.MoESpec, plan: prep.LayerPlan) -> None:
@@ -256,7 +372,9 @@ def _rewrite(gm: fx.GraphModule, match: _Match, block, plan: prep.LayerPlan) -> 
     out = ex["out"]
     weights = prep.kernel_weights(block.experts)
     with graph.inserting_before(out):
-        if plan.recipe == "none":
+        # recipe "none": the model's own weights. (An FP8 checkpoint's recipe "fp8" also reads the
+        # module's own gate_up_proj, but with scales: those go through the constants below.)
+        if weights.w1 is block.experts.gate_up_proj and weights.w1_scale is None:
             w1, s1, w2, s2 = match.w1, None, match.w2, None
         else:
             w1, s1, w2, s2 = (_constant(gm, plan, key, t) for key, t in weights.tensors().items())
@@ -267,7 +385,8 @@ def _rewrite(gm: fx.GraphModule, match: _Match, block, plan: prep.LayerPlan) -> 
             (match.hidden, idx, wts, w1, s1, w2, s2),
             {"kernel": plan.kernel, "recipe": plan.recipe,
              "routed_scaling_factor": plan.spec.routed_scaling_factor,
-             "swiglu_limit": plan.spec.swiglu_limit, "group_name": ""},
+             "swiglu_limit": plan.spec.swiglu_limit, "group_name": plan.group_name,
+             "shared_batch": plan.shared_batch},
         )
     for new in (idx, wts, fused):
         new.meta["nn_module_stack"] = dict(out.meta.get("nn_module_stack", {}))
@@ -287,6 +406,14 @@ def _constant(gm: fx.GraphModule, plan: prep.LayerPlan, key: str, tensor: torch.
     name = "megamoe_" + plan.name.replace(".", "_") + "_" + key
     if not hasattr(gm, name):
         gm.register_buffer(name, tensor, persistent=False)
+        # AOTAutograd lifts a dynamo graph's buffers to inputs and wants dynamo's source for each
+        # (it then treats them as static, like parameters: no copies under CUDA graphs). These
+        # tensors are not reached through user code; a named constant source identifies them.
+        sources = getattr(gm, "_param_name_to_source", None)
+        if sources is not None:
+            from torch._dynamo.source import ConstantSource
+
+            sources[name] = ConstantSource(name)
     return gm.graph.get_attr(name)
 
 
@@ -303,15 +430,23 @@ def _op_name(node: fx.Node) -> str:
     if node.op == "call_function":
         if node.target in _OPERATORS:
             return _OPERATORS[node.target]
+        if isinstance(node.target, torch._ops.OpOverload):  # ns::name.overload -> name
+            return node.target.overloadpacket.__name__
         name = getattr(node.target, "__name__", None) or str(node.target)
         return name.split(".")[-1]
     return node.op
 
 
 def _is_shape_arithmetic(node: fx.Node) -> bool:
-    """SymInt/SymFloat plumbing (sizes, `.item()` of a float attribute) that dynamic shapes add."""
+    """Nodes that compute no tensor: SymInt/SymFloat plumbing that dynamic shapes add (sizes,
+    `.item()` of a float attribute) and host-side queries transformers makes while tracing (on
+    CUDA, `torch.cuda.get_device_capability()` before each grouped matmul). The patterns speak of
+    tensor operations only; in-place `setitem`, which returns None, is one of them."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        return False
     value = node.meta.get("example_value")
-    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return not any(isinstance(v, torch.Tensor) for v in values)
 
 
 def _real_tensor(node: fx.Node) -> torch.Tensor | None:

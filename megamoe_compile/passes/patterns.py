@@ -75,7 +75,61 @@ EXPERTS_BATCHED_MM = (
     ("out", "to"),
 )
 
-EXPERTS = {"grouped_mm": EXPERTS_GROUPED_MM, "batched_mm": EXPERTS_BATCHED_MM}
+# transformers' fine-grained FP8 experts (`FP8Experts`, a quantized checkpoint), grouped_mm forward
+# (`fp8_grouped_mm_experts_forward`, inference, dynamic activations, no expert parallelism). Each
+# grouped matmul calls the finegrained-fp8 kernel's Triton op, chosen by weight dtype: FP8 128x128
+# blocks or MXFP4. Both ops quantize the activations inside (FP8 per 1x128 amax/448; FP8 per 1x32
+# with UE8M0 scales). Before each, `_load_finegrained_fp8_kernel()` (allow_in_graph) leaves a node
+# that takes nothing and returns None: no tensor, so the matcher skips it like shape plumbing.
+FINEGRAINED_FP8_NAMESPACE = "_finegrained_fp8"  # the kernel's op namespace starts with this
+FINEGRAINED_GROUPED_MATMULS = {
+    "fp8": "w8a8_block_dynamic_fp8_matmul_grouped",  # (A, B, Bs, offsets, tokens_per_expert, block_size[, out_dtype])
+    "mxfp4": "w4a8_mx_dynamic_fp4_matmul_grouped",  # (A, B, Bs, offsets, tokens_per_expert[, out_dtype])
+}
+
+EXPERTS_FP8_GROUPED_MM = (
+    ("weights_flat", "reshape"),
+    ("ids_flat", "reshape"),
+    ("sort", "sort"),
+    ("ids_sorted", "getitem"),
+    ("perm", "getitem"),
+    ("token_of_row", "floordiv"),
+    ("rows", "getitem"),
+    ("weights_sorted", "getitem"),
+    ("histc_input", ("float", "int")),
+    ("counts", "histc"),
+    ("offsets", "cumsum"),
+    ("mm1", tuple(FINEGRAINED_GROUPED_MATMULS.values())),
+    ("chunk", "chunk"),
+    ("gate", "getitem"),
+    ("up", "getitem"),
+    ("gate_clamp", "clamp"),
+    ("up_clamp", "clamp"),
+    ("silu", "silu"),
+    ("swiglu", "mul"),
+    ("mm2", tuple(FINEGRAINED_GROUPED_MATMULS.values())),
+    ("weights_cast", "to"),
+    ("weights_col", "unsqueeze"),
+    ("weighted", "mul"),
+    ("inv_perm", "empty_like"),
+    ("positions", "arange"),
+    ("scatter", "setitem"),
+    ("unsorted", "getitem"),
+    ("per_slot", "view"),
+    ("combine", "sum"),
+    ("out", "to"),
+)
+
+EXPERTS = {"grouped_mm": EXPERTS_GROUPED_MM, "batched_mm": EXPERTS_BATCHED_MM,
+           "fp8_grouped_mm": EXPERTS_FP8_GROUPED_MM}
+
+# Layers whose original weights prepare released: their experts' forward is the fused op itself
+# (megamoe_compile/experts.py), so the graph already holds one megamoe.fused_moe per layer.
+EXPERTS_ALREADY_FUSED = (
+    ("ids32", "to"),
+    ("weights32", "to"),
+    ("op", "fused_moe"),
+)
 
 # Router score functions (transformers' ACT2FN modules, traced under `gate.score_fn`).
 SCORES = {

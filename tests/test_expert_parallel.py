@@ -1,0 +1,155 @@
+"""Expert parallelism on the CPU: two processes over gloo, the reference kernel's collectives.
+
+One spawn runs every scenario (processes are slow to start on 2 cores) and saves what each rank
+saw; the tests compare that with a single process running the same model.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import megamoe_compile as mc
+from conftest import eager_backend, input_ids, tiny_model
+
+WORLD = 2
+
+
+def _model():
+    return tiny_model(layers=2, experts=4, top_k=2)
+
+
+def _prompts(rank):
+    # Different prompts and lengths per rank.
+    return input_ids(batch=1 + rank, seq=3 + 2 * rank, seed=10 + rank)
+
+
+def _scenarios(rank, results):
+    group_name = str(dist.group.WORLD.group_name)
+
+    # The op alone: rank 0 has no tokens at all, rank 1 has three.
+    g = torch.Generator().manual_seed(0)
+    tokens = [0, 3][rank]
+    x = torch.randn(5, 16, generator=g)[:tokens]
+    idx = torch.randint(0, 4, (5, 2), generator=g).int()[:tokens]
+    wts = torch.rand(5, 2, generator=g)[:tokens]
+    w1, w2 = torch.randn(4, 8, 16, generator=g), torch.randn(4, 16, 4, generator=g)
+    local = slice(rank * 2, rank * 2 + 2)
+    results["op"] = torch.ops.megamoe.fused_moe(
+        x, idx, wts, w1[local].contiguous(), None, w2[local].contiguous(), None, kernel="reference",
+        recipe="none", routed_scaling_factor=1.5, swiglu_limit=None, group_name=group_name)
+
+    # Each rank its own batch.
+    model = _model()
+    be = eager_backend(ep_mode="local_batch")
+    mc.prepare(model, be.config)
+    results["local_experts"] = mc.layer_plans(model)[1].local_experts
+    results["prepared_experts"] = model.model.layers[1].mlp.experts.megamoe_w1.shape[0]
+    with torch.no_grad():
+        results["local_logits"] = torch.compile(model, backend=be, dynamic=True)(_prompts(rank)).logits
+    results["local_fused"] = [f.fused for f in be.fusions]
+    # generate() in lockstep: synced_gpus keeps a finished rank stepping until all are done.
+    model.forward = torch.compile(model.forward, backend=be, dynamic=True)
+    with torch.no_grad():
+        results["generated"] = model.generate(_prompts(rank), max_new_tokens=3 + 3 * rank,
+                                              do_sample=False, synced_gpus=True)
+    torch._dynamo.reset()
+
+    # All ranks share one batch: each fuses a slice, outputs are gathered.
+    model = _model()
+    be = eager_backend(ep_mode="shared_batch")
+    mc.prepare(model, be.config)
+    with torch.no_grad():
+        results["shared_logits"] = torch.compile(model, backend=be)(input_ids(batch=3, seq=3)).logits
+    results["shared_fused"] = [f.fused for f in be.fusions]
+    torch._dynamo.reset()
+
+    # Misuse fails on every rank with a message, instead of hanging.
+    for name, make, config in [
+        ("indivisible", lambda: tiny_model(layers=1, experts=3, top_k=2), mc.MegaMoEConfig(ep_mode="local_batch")),
+        ("mismatch", _model, mc.MegaMoEConfig(ep_mode="local_batch", skip_layers=[rank])),
+    ]:
+        try:
+            mc.prepare(make(), config)
+            results[name] = "no error"
+        except ValueError as e:
+            results[name] = str(e)
+
+
+def _worker(rank, store_dir):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(store_dir, "store"), WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        _scenarios(rank, results)
+    except Exception:
+        results["error"] = traceback.format_exc()
+    torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("ep"))
+    mp.spawn(_worker, args=(directory,), nprocs=WORLD, join=True)
+    out = [torch.load(os.path.join(directory, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    for r, res in enumerate(out):
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    return out
+
+
+def test_op_with_zero_and_some_tokens_matches_all_experts_in_one_process(ranks):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g)
+    idx = torch.randint(0, 4, (5, 2), generator=g).int()
+    wts = torch.rand(5, 2, generator=g)
+    w1, w2 = torch.randn(4, 8, 16, generator=g), torch.randn(4, 16, 4, generator=g)
+    full = torch.ops.megamoe.fused_moe(x[:3], idx[:3], wts[:3], w1, None, w2, None, kernel="reference",
+                                       recipe="none", routed_scaling_factor=1.5, swiglu_limit=None)
+    assert ranks[0]["op"].shape == (0, 16)
+    torch.testing.assert_close(ranks[1]["op"], full)
+
+
+def test_each_rank_keeps_only_its_experts(ranks):
+    assert [r["local_experts"] for r in ranks] == [(0, 2), (2, 4)]
+    assert [r["prepared_experts"] for r in ranks] == [2, 2]
+
+
+def test_local_batches_match_one_process(ranks):
+    model = _model()
+    for rank, res in enumerate(ranks):
+        assert res["local_fused"] == [True, True]
+        with torch.no_grad():
+            expected = model(_prompts(rank)).logits
+        torch.testing.assert_close(res["local_logits"], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_generate_in_lockstep_with_different_prompts(ranks):
+    model = _model()
+    for rank, res in enumerate(ranks):
+        with torch.no_grad():
+            expected = model.generate(_prompts(rank), max_new_tokens=3 + 3 * rank, do_sample=False)
+        assert torch.equal(res["generated"], expected)
+
+
+def test_shared_batch_matches_one_process(ranks):
+    model = _model()
+    with torch.no_grad():
+        expected = model(input_ids(batch=3, seq=3)).logits
+    for res in ranks:
+        assert res["shared_fused"] == [True, True]
+        torch.testing.assert_close(res["shared_logits"], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_misuse_fails_on_every_rank(ranks):
+    for res in ranks:
+        assert res["indivisible"] == ("model.layers.0.mlp: 3 experts cannot be split evenly over an "
+                                      "expert-parallel group of 2 ranks")
+        assert res["mismatch"].startswith("megamoe: expert-parallel ranks planned differently")
