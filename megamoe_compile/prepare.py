@@ -215,7 +215,13 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
     experts._megamoe_plan = plan
     _BLOCK_BY_WEIGHT[experts.gate_up_proj] = weakref.ref(block)
     if plan.fuse and config.release_original_weights and plan.recipe != "none":
-        _release_original_weights(block, plan)
+        if spec.experts_class != "DeepseekV4Experts":
+            plan.notes.append(f"release_original_weights: not for {spec.experts_class} (its forward is "
+                              "transformers' quantized-experts code); original weights kept")
+        elif plan.prepared_bytes == 0:
+            plan.notes.append("release_original_weights: the kernel uses the model's own tensors; nothing to release")
+        else:
+            _release_original_weights(block, plan)
     return plan
 
 
@@ -288,7 +294,12 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
     for key, tensor in weights.tensors().items():
         if tensor is not None:
             experts.register_buffer(_BUFFER_PREFIX + key, tensor, persistent=False)
-    plan.prepared_bytes = weights.nbytes()
+    # Count only new memory: views of the model's own tensors (a checkpoint already in the
+    # recipe's format, this rank's slice of the experts) cost nothing extra.
+    own = {p.untyped_storage().data_ptr() for p in experts.parameters()}
+    own |= {b.untyped_storage().data_ptr() for n, b in experts.named_buffers() if not n.startswith(_BUFFER_PREFIX)}
+    plan.prepared_bytes = sum(t.numel() * t.element_size() for t in weights.tensors().values()
+                              if t is not None and t.untyped_storage().data_ptr() not in own)
 
 
 def _trace_through_grouped_mm(experts: torch.nn.Module) -> None:
