@@ -23,7 +23,8 @@ import megamoe_compile as mc
 
 def build_model(device: str, dtype: torch.dtype, layers: int) -> DeepseekV4ForCausalLM:
     config = DeepseekV4Config(
-        vocab_size=1024, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=layers,
+        # hidden 512: DeepGEMM's SM90 buffer layout refuses hidden 256 (seen on an H100).
+        vocab_size=1024, hidden_size=512, moe_intermediate_size=256, num_hidden_layers=layers,
         num_attention_heads=4, head_dim=64, q_lora_rank=128, o_groups=2, o_lora_rank=64,
         n_routed_experts=16, num_experts_per_tok=4, num_nextn_predict_layers=0,
         index_n_heads=2, index_head_dim=32, index_topk=8, sliding_window=64, hc_mult=2,

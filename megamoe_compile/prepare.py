@@ -204,8 +204,15 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
                 if ep is not None:
                     plan.group_name, plan.shared_batch = ep.group_name, ep.shared_batch
                     plan.local_experts = ep.local_range(spec)
-                _build(experts, spec, plan, config, ep)
-                if spec.experts_implementation in (None, "eager"):
+                try:
+                    _build(experts, spec, plan, config, ep)
+                except RuntimeError as e:  # the kernel library refused this shape at load time
+                    _drop_buffers(experts)
+                    if config.kernel != "auto":
+                        raise UnsupportedLayerError(f"{name}: {e}") from e
+                    plan.fuse, plan.kernel, plan.recipe = False, None, None
+                    plan.reason, plan.prepared_bytes = str(e), 0
+                if plan.fuse and spec.experts_implementation in (None, "eager"):
                     _trace_through_grouped_mm(experts)
                     plan.notes.append(
                         "experts_implementation 'eager' loops in Python (a graph break); this layer "

@@ -161,3 +161,21 @@ def test_release_original_weights_frees_them_and_keeps_eager_and_compiled_workin
     assert layer.released and layer.prepared_bytes < layer.original_bytes
     with pytest.raises(ValueError, match="original expert weights were released"):
         mc.prepare(model2, released_cfg.replace(recipe="fp8_fp4"))
+
+
+def test_a_kernel_that_refuses_a_shape_at_load_time(monkeypatch):
+    """kernel="auto": the layer stays unfused with the kernel library's words; forced: an error."""
+    import importlib
+
+    prep = importlib.import_module("megamoe_compile.prepare")  # the module, not the function
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Assertion error (mega_moe.cuh:331): num_bytes % 16 == 0")
+
+    monkeypatch.setattr(prep, "_build", refuse)
+    model = tiny_model(layers=1, hash_layers=0)
+    mc.prepare(model, mc.MegaMoEConfig(kernel="auto"))
+    (plan,) = mc.layer_plans(model)
+    assert not plan.fuse and "num_bytes % 16 == 0" in plan.reason
+    with pytest.raises(mc.UnsupportedLayerError, match=r"model.layers.0.mlp: Assertion error"):
+        mc.prepare(tiny_model(layers=1, hash_layers=0), mc.MegaMoEConfig(kernel="reference"))
