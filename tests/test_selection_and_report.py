@@ -179,3 +179,21 @@ def test_a_kernel_that_refuses_a_shape_at_load_time(monkeypatch):
     assert not plan.fuse and "num_bytes % 16 == 0" in plan.reason
     with pytest.raises(mc.UnsupportedLayerError, match=r"model.layers.0.mlp: Assertion error"):
         mc.prepare(tiny_model(layers=1, hash_layers=0), mc.MegaMoEConfig(kernel="reference"))
+
+
+def test_backend_name_resolves_through_the_entry_point_without_an_import():
+    """`backend="megamoe"` in a fresh process that never imports megamoe_compile itself."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "assert 'megamoe_compile' not in sys.modules\n"
+        "assert 'megamoe' in torch._dynamo.list_backends()\n"
+        "f = torch.compile(lambda x: x * 2, backend='megamoe', options={'inner_backend': 'eager'})\n"
+        "assert torch.equal(f(torch.ones(3)), torch.full((3,), 2.0))\n"
+        "assert 'megamoe_compile' in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
