@@ -25,10 +25,13 @@ def _compare(model, ids, be, *, dynamic=False, fullgraph=True):
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_implementations_dtypes_and_shapes(impl, dtype, dynamic):
     model = tiny_model(impl=impl, dtype=dtype, layers=3, hash_layers=1)
-    fusions = _compare(model, input_ids(batch=3, seq=4), eager_backend(), dynamic=dynamic)
+    be = eager_backend()
+    fusions = _compare(model, input_ids(batch=3, seq=4), be, dynamic=dynamic)
     assert [f.fused for f in fusions] == [True, True, True], [f.reason for f in fusions]
     assert {f.traced_as for f in fusions} == {impl}
     assert torch._dynamo.utils.counters["megamoe"]["fused_moe"] == 3
+    (graph,) = be.graphs
+    assert graph.code.count("torch.ops.megamoe.fused_moe") == 3  # exactly one op per fused layer
 
 
 @pytest.mark.parametrize("scoring, softmax_router", [("sqrtsoftplus", False), ("sigmoid", False),
