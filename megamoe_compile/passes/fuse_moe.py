@@ -190,7 +190,13 @@ def _check_router(ro: dict[str, fx.Node], block, spec: hf.MoESpec) -> None:
     gate = block.gate
     _expect(_is_tensor(ro["logits"].args[1], gate.weight), "router logits do not use gate.weight")
     _expect(len(ro["logits"].args) == 2 or ro["logits"].args[2] is None, "router linear has a bias")
-    scores = ro["scores"]
+    scores, logits = ro["scores"], ro["logits"]
+    if spec.scoring_func == "sqrtsoftplus":
+        softplus = scores.args[0]
+        _expect(_op_name(softplus) == "softplus" and softplus.args == (logits,) and not softplus.kwargs,
+                "scores are not sqrt(softplus(logits))")
+    else:
+        _expect(scores.args[0] is logits, f"scores are not {spec.scoring_func}(logits)")
     if spec.scoring_func == "softmax":
         _expect(_dim_arg(scores, 1) in (-1, 1), "softmax scores not over the experts dim")
     if spec.router == "topk":
@@ -222,18 +228,39 @@ def _check_experts(ex: dict[str, fx.Node], ro: dict[str, fx.Node], block, spec: 
     _expect(ex["weights_flat"].args[0] is ro["scaled"], "experts do not receive the router's weights")
     _expect(ex["ids_flat"].args[0] is ro["indices"], "experts do not receive the router's indices")
     if spec.traced_implementation == "grouped_mm":
-        hidden = ex["rows"].args[0]
-        _expect(_const(ex["token_of_row"].args[1]) == k, "row -> token map does not divide by top_k")
+        hidden, offsets, _ = _check_sorted_dispatch(ex, spec)
         w1, w2 = ex["w1_t"].args[0], ex["w2_t"].args[0]
-        _expect(ex["mm1"].args[1] is ex["w1_t"] and ex["mm2"].args[1] is ex["w2_t"], "grouped matmuls use other weights")
+        for mm, cast, source, w_t in ((ex["mm1"], ex["rows_cast"], ex["rows"], ex["w1_t"]),
+                                      (ex["mm2"], ex["act_cast"], ex["swiglu"], ex["w2_t"])):
+            _expect(tuple(_const(a) for a in w_t.args[1:]) in ((-2, -1), (-1, -2), (1, 2), (2, 1)),
+                    "expert weights are not transposed to [E, K, N]")
+            _expect(cast.args[0] is source and mm.args[0] is cast and mm.args[1] is w_t,
+                    "a grouped matmul reads other activations or weights")
+            offs = mm.kwargs.get("offs", mm.args[2] if len(mm.args) > 2 else None)
+            _expect(offs is offsets and mm.kwargs.get("bias") is None, "a grouped matmul is not grouped by these offsets")
+        _expect(ex["chunk"].args[0] is ex["mm1"], "gate/up split is not of the first matmul's output")
+        col = ex["weights_col"]
+        _expect(col.args[0] is ex["weights_sorted"] and _dim_arg(col, 1, "dim") == -1
+                and set(ex["weighted"].args) == {ex["mm2"], col}, "down projection is not multiplied by the routing weights")
+        _check_restored_order(ex)
     elif spec.traced_implementation == "fp8_grouped_mm":
         hidden, w1, w2 = _check_finegrained_grouped(ex, experts, spec)
     else:
         hidden = ex["rows"].args[0]
-        _expect(_const(ex["rows"].args[1]) == k, "tokens are not repeated top_k times")
+        _expect(_const(ex["rows"].args[1]) == k and _dim_arg(ex["rows"], 2, "dim") == 0,
+                "tokens are not repeated top_k times")
         w1, w2 = ex["w1_sel"].args[0], ex["w2_sel"].args[0]
         _expect(ex["w1_sel"].args[1] is ex["ids_flat"] and ex["w2_sel"].args[1] is ex["ids_flat"],
                 "expert weights are not selected by the routed ids")
+        for mm, col, source, sel, out in ((ex["mm1"], ex["rows_col"], ex["rows"], ex["w1_sel"], ex["mm1_out"]),
+                                          (ex["mm2"], ex["act_col"], ex["swiglu"], ex["w2_sel"], ex["mm2_out"])):
+            _expect(col.args[0] is source and mm.args == (sel, col) and out.args[0] is mm,
+                    "a batched matmul reads other activations or weights")
+        _expect(ex["chunk"].args[0] is ex["mm1_out"], "gate/up split is not of the first matmul's output")
+        col = ex["weights_col"]
+        _expect(col.args[0] is ex["weights_flat"] and set(ex["weighted"].args) == {ex["mm2_out"], col},
+                "down projection is not multiplied by the routing weights")
+        _expect(ex["per_slot"].args[0] is ex["weighted"], "combine does not read the weighted rows")
     _expect(_is_tensor(w1, experts.gate_up_proj) and _is_tensor(w2, experts.down_proj),
             "expert matmuls do not use gate_up_proj/down_proj")
     chunk = ex["chunk"]
@@ -248,6 +275,7 @@ def _check_experts(ex: dict[str, fx.Node], ro: dict[str, fx.Node], block, spec: 
     per_slot, combine = ex["per_slot"], ex["combine"]
     _expect(_const(per_slot.args[2] if len(per_slot.args) > 2 else None) == k, "combine does not view [T, top_k, H]")
     _expect(combine.args[0] is per_slot and _dim_arg(combine, 1, "dim") == 1, "combine does not sum over top_k")
+    _expect(ex["out"].args[0] is combine, "the experts' output is not the combined sum")
     return hidden, w1, w2
 
 
@@ -260,28 +288,8 @@ def _check_finegrained_grouped(ex: dict[str, fx.Node], experts, spec: hf.MoESpec
     op that matches the weight format, the routing weights applied to the down projection, and
     the inverse permutation before the per-token sum.
     """
-    k, num_experts = spec.top_k, spec.num_experts
-    sort, perm, ids_sorted = ex["sort"], ex["perm"], ex["ids_sorted"]
-    _expect(sort.args[0] is ex["ids_flat"] and _dim_arg(sort, 1, "dim", -1) in (-1, 0)
-            and not sort.kwargs.get("descending", False) and not (len(sort.args) > 2 and sort.args[2]),
-            "experts are not sorted ascending by routed id")
-    _expect(ids_sorted.args == (sort, 0) and perm.args == (sort, 1), "sort outputs used the wrong way round")
-    token_of_row, rows = ex["token_of_row"], ex["rows"]
-    _expect(token_of_row.args[0] is perm and _const(token_of_row.args[1]) == k,
-            "row -> token map is not perm // top_k")
-    _expect(len(rows.args) == 2 and rows.args[1] is token_of_row, "rows are not hidden[perm // top_k]")
-    hidden = rows.args[0]
-    _expect(ex["weights_sorted"].args == (ex["weights_flat"], perm), "routing weights are not permuted like the rows")
-    histc_input, counts, offsets = ex["histc_input"], ex["counts"], ex["offsets"]
-    _expect(histc_input.args[0] is ids_sorted, "expert counts are not over the sorted ids")
-    bins = counts.kwargs.get("bins", counts.args[1] if len(counts.args) > 1 else None)
-    lo = counts.kwargs.get("min", counts.args[2] if len(counts.args) > 2 else None)
-    hi = counts.kwargs.get("max", counts.args[3] if len(counts.args) > 3 else None)
-    _expect(counts.args[0] is histc_input and _const(bins) == num_experts and _const(lo) == 0
-            and _const(hi) == num_experts - 1, f"expert counts are not histc over {num_experts} experts")
-    _expect(offsets.args[0] is counts and _dim_arg(offsets, 1, "dim", None) == 0,
-            "expert offsets are not the cumulative counts")
-    _expect(offsets.kwargs.get("dtype") == torch.int32, "expert offsets are not int32")
+    hidden, offsets, counts = _check_sorted_dispatch(ex, spec)
+    rows = ex["rows"]
 
     expected_op = patterns.FINEGRAINED_GROUPED_MATMULS[spec.weight_format]
     s1, s2 = hf.fp8_expert_scales(experts)
@@ -309,6 +317,43 @@ def _check_finegrained_grouped(ex: dict[str, fx.Node], experts, spec: hf.MoESpec
             "routing weights are not a column of the sorted weights")
     _expect(set(weighted.args) == {ex["mm2"], col} and len(weighted.args) == 2,
             "down projection is not multiplied by the routing weights")
+    _check_restored_order(ex)
+    return hidden, ex["mm1"].args[1], ex["mm2"].args[1]
+
+
+def _check_sorted_dispatch(ex: dict[str, fx.Node], spec: hf.MoESpec):
+    """grouped_mm dispatch: rows sorted by expert id and mapped back to tokens by perm // top_k,
+    routing weights permuted alike, per-expert counts over exactly num_experts bins and their
+    int32 cumulative offsets. Returns (hidden, offsets, counts)."""
+    k, num_experts = spec.top_k, spec.num_experts
+    sort, perm, ids_sorted = ex["sort"], ex["perm"], ex["ids_sorted"]
+    _expect(sort.args[0] is ex["ids_flat"] and _dim_arg(sort, 1, "dim", -1) in (-1, 0)
+            and not sort.kwargs.get("descending", False) and not (len(sort.args) > 2 and sort.args[2]),
+            "experts are not sorted ascending by routed id")
+    _expect(ids_sorted.args == (sort, 0) and perm.args == (sort, 1), "sort outputs used the wrong way round")
+    token_of_row, rows = ex["token_of_row"], ex["rows"]
+    _expect(token_of_row.args[0] is perm and _const(token_of_row.args[1]) == k,
+            "row -> token map is not perm // top_k")
+    _expect(len(rows.args) == 2 and rows.args[1] is token_of_row, "rows are not hidden[perm // top_k]")
+    hidden = rows.args[0]
+    _expect(ex["weights_sorted"].args == (ex["weights_flat"], perm), "routing weights are not permuted like the rows")
+    histc_input, counts, offsets = ex["histc_input"], ex["counts"], ex["offsets"]
+    _expect(histc_input.args[0] is ids_sorted, "expert counts are not over the sorted ids")
+    bins = counts.kwargs.get("bins", counts.args[1] if len(counts.args) > 1 else None)
+    lo = counts.kwargs.get("min", counts.args[2] if len(counts.args) > 2 else None)
+    hi = counts.kwargs.get("max", counts.args[3] if len(counts.args) > 3 else None)
+    _expect(counts.args[0] is histc_input and _const(bins) == num_experts and _const(lo) == 0
+            and _const(hi) == num_experts - 1, f"expert counts are not histc over {num_experts} experts")
+    _expect(offsets.args[0] is counts and _dim_arg(offsets, 1, "dim", None) == 0,
+            "expert offsets are not the cumulative counts")
+    _expect(offsets.kwargs.get("dtype") == torch.int32, "expert offsets are not int32")
+
+    return hidden, offsets, counts
+
+
+def _check_restored_order(ex: dict[str, fx.Node]) -> None:
+    """grouped_mm combine: weighted rows put back in token order through inv[perm] = arange."""
+    perm, weighted = ex["perm"], ex["weighted"]
     inv_perm, positions, scatter, unsorted = ex["inv_perm"], ex["positions"], ex["scatter"], ex["unsorted"]
     _expect(inv_perm.args[0] is perm and scatter.args == (inv_perm, perm, positions),
             "inverse permutation is not inv[perm] = arange")
@@ -316,7 +361,6 @@ def _check_finegrained_grouped(ex: dict[str, fx.Node], experts, spec: hf.MoESpec
             "inverse permutation does not cover every row")
     _expect(unsorted.args == (weighted, inv_perm), "rows are not restored to token order")
     _expect(ex["per_slot"].args[0] is unsorted, "combine does not read the restored rows")
-    return hidden, ex["mm1"].args[1], ex["mm2"].args[1]
 
 
 def _same_size(arg, node: fx.Node) -> bool:
