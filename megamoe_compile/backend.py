@@ -14,7 +14,7 @@ import torch.fx as fx
 from . import hf
 from . import prepare as prep
 from .config import MegaMoEConfig
-from .passes import LayerFusion, fuse_moe_layers, unprepared_moe_weights
+from .passes import LayerFusion, fuse_moe_layers, prepared_blocks, unprepared_moe_weights
 
 log = logging.getLogger("megamoe_compile")
 
@@ -118,33 +118,16 @@ def _ensure_prepared(gm: fx.GraphModule, config: MegaMoEConfig) -> None:
                         "before compiling. Those layers are left unfused.")
         else:
             prep.prepare(root, config)
-    for block in _prepared_blocks(gm):
+    for block in prepared_blocks(gm.graph):
         prep.replan_block(block, config)
-
-
-def _prepared_blocks(gm: fx.GraphModule):
-    seen = set()
-    for node in gm.graph.nodes:
-        t = _placeholder_tensor(node)
-        block = prep.block_for_weight(t) if t is not None else None
-        if block is not None and id(block) not in seen:
-            seen.add(id(block))
-            yield block
 
 
 def _prepared_config(gm: fx.GraphModule) -> MegaMoEConfig | None:
     """The config `prepare` used for the MoE blocks of this graph (or of the model being compiled)."""
-    for block in _prepared_blocks(gm):
+    for block in prepared_blocks(gm.graph):
         return block.experts._megamoe_plan.config
     root = _module_being_compiled()
     return getattr(root, "_megamoe_config", None) if root is not None else None
-
-
-def _placeholder_tensor(node: fx.Node):
-    if node.op != "placeholder":
-        return None
-    example = getattr(node.meta.get("grapharg"), "example", None)
-    return example if isinstance(example, torch.Tensor) else None
 
 
 def _module_being_compiled() -> torch.nn.Module | None:

@@ -50,27 +50,22 @@ class NoMatch(Exception):
 def fuse_moe_layers(gm: fx.GraphModule) -> list[LayerFusion]:
     """Rewrite `gm` in place; one LayerFusion per MoE layer the graph holds (fused or not)."""
     graph = gm.graph
-    results = [_fuse_one(gm, block, key) for block, key in _moe_blocks_in(graph)]
+    results = [_fuse_one(gm, block, str(id(block.experts))) for block in prepared_blocks(graph)]
     if any(r.fused for r in results):
         graph.lint()
         gm.recompile()
     return results
 
 
-def _moe_blocks_in(graph: fx.Graph):
-    """(block, experts nn_module_stack key) for each prepared MoE block whose experts the graph uses."""
+def prepared_blocks(graph: fx.Graph):
+    """Each prepared MoE block whose expert weights are inputs of `graph`, once, in graph order."""
     seen = set()
     for node in graph.nodes:
-        if node.op != "placeholder":
-            continue
-        tensor = _real_tensor(node)
-        if tensor is None:
-            continue
-        block = prep.block_for_weight(tensor)
-        if block is None or id(block) in seen:
-            continue
-        seen.add(id(block))
-        yield block, str(id(block.experts))
+        tensor = _real_tensor(node) if node.op == "placeholder" else None
+        block = prep.block_for_weight(tensor) if tensor is not None else None
+        if block is not None and id(block) not in seen:
+            seen.add(id(block))
+            yield block
 
 
 def unprepared_moe_weights(graph: fx.Graph) -> bool:
