@@ -421,35 +421,30 @@ def _on_device(device_index: int):
     return torch.cuda.device(device_index) if device_index >= 0 else contextlib.nullcontext()
 
 
-def _buffer_for(kernel: str, group_name: str, group, x: torch.Tensor, num_local_experts: int,
-                top_k: int, intermediate: int):
-    """The smallest reserved buffer of this shape that holds x's tokens; a clear error otherwise."""
+def _buffers_of_shape(kernel: str, group_name: str, group, x: torch.Tensor, num_local_experts: int,
+                      top_k: int, intermediate: int) -> list[tuple[int, Any]]:
+    """(max tokens, buffer) of every buffer reserved for this layer shape, ascending; reserves one
+    now (with a warning) if prepare reserved none, which cannot happen during CUDA-graph capture."""
     tokens, hidden = x.shape
     shape = (group_name, _device_index(x.device), kernel, num_local_experts * group.size(), top_k, hidden,
              intermediate)
-    fitting = [k for k in _BUFFERS if (k.group_name, k.device_index, k.kernel, k.num_experts, k.top_k,
-                                       k.hidden, k.intermediate) == shape]
-    if not fitting:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"megamoe: {kernel}: no symmetric buffer was reserved for experts={shape[3]} top_k={top_k} "
-                f"hidden={hidden} intermediate={intermediate}, and one cannot be allocated during CUDA-graph "
-                f"capture; run megamoe_compile.prepare(model) (or ops.deepgemm.reserve_buffer) first")
-        from ..config import MegaMoEConfig
-
-        max_tokens = max(tokens, MegaMoEConfig().max_tokens_per_rank)
-        log.warning("megamoe: %s: no symmetric buffer reserved for this shape; allocating one for %d tokens "
-                    "now. prepare() should reserve it at load time.", kernel, max_tokens)
-        key = BufferKey(*shape[:3], shape[3], top_k, hidden, intermediate, max_tokens)
-        return _allocate(key, group), key
-    adequate = sorted((k for k in fitting if k.max_tokens >= tokens), key=lambda k: k.max_tokens)
-    if not adequate:
-        largest = max(k.max_tokens for k in fitting)
+    fitting = sorted(((k.max_tokens, b) for k, b in _BUFFERS.items()
+                      if (k.group_name, k.device_index, k.kernel, k.num_experts, k.top_k, k.hidden,
+                          k.intermediate) == shape), key=lambda kb: kb[0])
+    if fitting:
+        return fitting
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            f"megamoe: {kernel}: {tokens} tokens in one MoE call exceed the symmetric buffer reserved for "
-            f"{largest} tokens per rank (MegaMoEConfig.max_tokens_per_rank={largest}). Raise "
-            f"MegaMoEConfig.max_tokens_per_rank and prepare the model again, or split the batch.")
-    return _BUFFERS[adequate[0]], adequate[0]
+            f"megamoe: {kernel}: no symmetric buffer was reserved for experts={shape[3]} top_k={top_k} "
+            f"hidden={hidden} intermediate={intermediate}, and one cannot be allocated during CUDA-graph "
+            f"capture; run megamoe_compile.prepare(model) (or ops.deepgemm.reserve_buffer) first")
+    from ..config import MegaMoEConfig
+
+    max_tokens = max(tokens, MegaMoEConfig().max_tokens_per_rank)
+    log.warning("megamoe: %s: no symmetric buffer reserved for this shape; allocating one for %d tokens "
+                "now. prepare() should reserve it at load time.", kernel, max_tokens)
+    key = BufferKey(*shape[:3], shape[3], top_k, hidden, intermediate, max_tokens)
+    return [(max_tokens, _allocate(key, group))]
 
 
 # -- the kernels ------------------------------------------------------------------------------
@@ -492,12 +487,7 @@ def _launch_for(kernel: str, x: torch.Tensor, num_local_experts: int, top_k: int
         return launch
     api = _require_api(kernel)
     group = group_for(group_name, x.device)
-    _buffer_for(kernel, group_name, group, x, num_local_experts, top_k, intermediate)  # reserves if none
-    shape = (group_name, _device_index(x.device), kernel, num_local_experts * group.size(), top_k, x.shape[1],
-             intermediate)
-    buffers = sorted(((k.max_tokens, b) for k, b in _BUFFERS.items()
-                      if (k.group_name, k.device_index, k.kernel, k.num_experts, k.top_k, k.hidden,
-                          k.intermediate) == shape), key=lambda kb: kb[0])
+    buffers = _buffers_of_shape(kernel, group_name, group, x, num_local_experts, top_k, intermediate)
     pre_kwargs = {"group_size": ACT_GROUP[kernel]}
     scale_weights = None
     if api.accepts("pre_dispatch", "routed_scaling_factor"):
