@@ -13,7 +13,8 @@ from __future__ import annotations
 # An entry is (role, op) or (role, (op, op, ...)) for alternatives. Role "" = not inspected.
 GROUPED_MM_OPS = ("grouped_mm_fallback", "_grouped_mm", "grouped_mm")
 
-EXPERTS_GROUPED_MM = (
+# Pieces the experts implementations share.
+SORTED_DISPATCH = (  # grouped: sort the (token, slot) rows by expert, count rows per expert
     ("weights_flat", "reshape"),
     ("ids_flat", "reshape"),
     ("sort", "sort"),
@@ -25,9 +26,8 @@ EXPERTS_GROUPED_MM = (
     ("histc_input", ("float", "int")),
     ("counts", "histc"),
     ("offsets", "cumsum"),
-    ("w1_t", "transpose"),
-    ("rows_cast", "to"),
-    ("mm1", GROUPED_MM_OPS),
+)
+CLAMPED_SWIGLU = (  # transformers' DeepseekV4Experts._apply_gate
     ("chunk", "chunk"),
     ("gate", "getitem"),
     ("up", "getitem"),
@@ -35,11 +35,8 @@ EXPERTS_GROUPED_MM = (
     ("up_clamp", "clamp"),
     ("silu", "silu"),
     ("swiglu", "mul"),
-    ("w2_t", "transpose"),
-    ("act_cast", "to"),
-    ("mm2", GROUPED_MM_OPS),
-    ("weights_col", "unsqueeze"),
-    ("weighted", "mul"),
+)
+RESTORED_COMBINE = (  # grouped: rows back in token order, summed over the top-k slots
     ("inv_perm", "empty_like"),
     ("positions", "arange"),
     ("scatter", "setitem"),
@@ -47,6 +44,20 @@ EXPERTS_GROUPED_MM = (
     ("per_slot", "view"),
     ("combine", "sum"),
     ("out", "to"),
+)
+
+EXPERTS_GROUPED_MM = (
+    *SORTED_DISPATCH,
+    ("w1_t", "transpose"),
+    ("rows_cast", "to"),
+    ("mm1", GROUPED_MM_OPS),
+    *CLAMPED_SWIGLU,
+    ("w2_t", "transpose"),
+    ("act_cast", "to"),
+    ("mm2", GROUPED_MM_OPS),
+    ("weights_col", "unsqueeze"),
+    ("weighted", "mul"),
+    *RESTORED_COMBINE,
 )
 
 EXPERTS_BATCHED_MM = (
@@ -57,13 +68,7 @@ EXPERTS_BATCHED_MM = (
     ("rows_col", "unsqueeze"),
     ("mm1", "bmm"),
     ("mm1_out", "squeeze"),
-    ("chunk", "chunk"),
-    ("gate", "getitem"),
-    ("up", "getitem"),
-    ("gate_clamp", "clamp"),
-    ("up_clamp", "clamp"),
-    ("silu", "silu"),
-    ("swiglu", "mul"),
+    *CLAMPED_SWIGLU,
     ("w2_sel", "getitem"),
     ("act_col", "unsqueeze"),
     ("mm2", "bmm"),
@@ -88,36 +93,14 @@ FINEGRAINED_GROUPED_MATMULS = {
 }
 
 EXPERTS_FP8_GROUPED_MM = (
-    ("weights_flat", "reshape"),
-    ("ids_flat", "reshape"),
-    ("sort", "sort"),
-    ("ids_sorted", "getitem"),
-    ("perm", "getitem"),
-    ("token_of_row", "floordiv"),
-    ("rows", "getitem"),
-    ("weights_sorted", "getitem"),
-    ("histc_input", ("float", "int")),
-    ("counts", "histc"),
-    ("offsets", "cumsum"),
+    *SORTED_DISPATCH,
     ("mm1", tuple(FINEGRAINED_GROUPED_MATMULS.values())),
-    ("chunk", "chunk"),
-    ("gate", "getitem"),
-    ("up", "getitem"),
-    ("gate_clamp", "clamp"),
-    ("up_clamp", "clamp"),
-    ("silu", "silu"),
-    ("swiglu", "mul"),
+    *CLAMPED_SWIGLU,
     ("mm2", tuple(FINEGRAINED_GROUPED_MATMULS.values())),
     ("weights_cast", "to"),
     ("weights_col", "unsqueeze"),
     ("weighted", "mul"),
-    ("inv_perm", "empty_like"),
-    ("positions", "arange"),
-    ("scatter", "setitem"),
-    ("unsorted", "getitem"),
-    ("per_slot", "view"),
-    ("combine", "sum"),
-    ("out", "to"),
+    *RESTORED_COMBINE,
 )
 
 EXPERTS = {"grouped_mm": EXPERTS_GROUPED_MM, "batched_mm": EXPERTS_BATCHED_MM,
