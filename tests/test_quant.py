@@ -458,3 +458,97 @@ def test_conversions_validate_inputs():
                                   torch.zeros(3, 128, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="scale has shape"):
         quant.fp8_blocks_to_mxfp4(torch.zeros(2, 128, 128, dtype=torch.float8_e4m3fn), torch.ones(3, 1, 1))
+
+
+# --------------------------------------------------------------------------- MXFP4 activations (w4a4)
+
+
+def ref_activation_byte(block: list[float]) -> int:
+    """DeepGEMM's activation scale: the smallest power of two s with max(amax, 1e-4) / s <= 6."""
+    amax = Fraction(max(max(abs(v) for v in block), 1e-4))
+    e = 0
+    while amax / Fraction(2) ** e > 6:
+        e += 1
+    while amax / Fraction(2) ** (e - 1) <= 6:
+        e -= 1
+    return e + 127
+
+
+def ref_activation_code(value: Fraction, ties: str) -> int:
+    """Nearest E2M1 code; a tie goes to the even code ("even") or the smaller magnitude ("down")."""
+    tie_break = (lambda i: i % 2) if ties == "even" else (lambda i: i)
+    index = min(range(8), key=lambda i: (abs(abs(value) - Fraction(E2M1[i])), tie_break(i)))
+    return (8 if value < 0 and index != 0 else 0) | index
+
+
+def act_round_trip(values: list[float], ties: str) -> tuple[list[int], int]:
+    packed, scales = quant.quantize_mxfp4_activations(torch.tensor([values], dtype=torch.float32), ties=ties)
+    assert packed.shape == (1, 16) and packed.dtype == torch.int8 and scales.shape == (1, 1)
+    return unpack_codes(packed), int(scales.item())
+
+
+@pytest.mark.parametrize("k", [-12, -3, 0, 2, 7])
+def test_mxfp4_activations_code_points_midpoints_and_scale(k):
+    x = math.ldexp(1.0, k)
+    # Every code point and every midpoint, with amax / 6 exactly 2^k: the scale is 2^k.
+    midpoints = [(a + b) / 2 for a, b in zip(E2M1, E2M1[1:])]
+    values = [m * x for m in E2M1] + [-m * x for m in midpoints] + [m * x for m in midpoints]
+    values = (values + [6 * x] * 32)[:32]
+    got = {}
+    for ties in ("even", "down"):
+        codes, byte = act_round_trip(values, ties)
+        assert byte == ref_activation_byte(values) == k + 127
+        assert codes == [ref_activation_code(Fraction(v) / Fraction(x), ties) for v in values]
+        got[ties] = codes
+    # The modes differ exactly at the midpoints whose even neighbour is the larger one.
+    differ = [i for i in range(32) if got["even"][i] != got["down"][i]]
+    assert differ == [i for i, v in enumerate(values) if abs(v) / x in (0.75, 1.75, 3.5)] and len(differ) == 6
+
+
+def test_mxfp4_activations_never_saturate_and_scale_rounds_up():
+    # amax just above 6 * 2^k needs the next power of two; OCP weights would keep 2^k and clamp.
+    values = [6.0 * 1.01] + [0.3] * 31
+    codes, byte = act_round_trip(values, "even")
+    assert byte == 128 and codes[0] == 5  # 6.06 / 2 = 3.03 -> 3.0 (index 5)
+    w_packed, w_scales = quant.quantize_mxfp4(torch.tensor([values]))
+    assert int(w_scales.item()) == 127 and unpack_codes(w_packed)[0] == 7  # the weight recipe saturates
+
+
+def test_mxfp4_activations_amax_floor_zero_and_nan():
+    codes, byte = act_round_trip([0.0] * 32, "down")
+    assert codes == [0] * 32 and byte == ref_activation_byte([0.0]) == 127 - 15  # 2^ceil(log2(1e-4 / 6)) = 2^-15
+    x = torch.randn(2, 64)
+    x[1, 40] = float("nan")
+    packed, scales = quant.quantize_mxfp4_activations(x)
+    out = quant.dequantize_mxfp4(packed, scales)
+    assert scales[1, 1] == 255 and out[1, 32:].isnan().all() and out[1, :32].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_activations_random_rows_match_reference(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 96, generator=g) * torch.logspace(-3, 3, 96)).to(dtype)
+    for ties in ("even", "down"):
+        packed, scales = quant.quantize_mxfp4_activations(x, ties=ties)
+        got = unpack_codes(packed)
+        rows = x.float().tolist()
+        expected, expected_bytes = [], []
+        for row in rows:
+            for start in range(0, 96, 32):
+                block = row[start:start + 32]
+                byte = ref_activation_byte(block)
+                expected_bytes.append(byte)
+                expected += [ref_activation_code(Fraction(v) / Fraction(2) ** (byte - 127), ties) for v in block]
+        assert got == expected and scales.flatten().tolist() == expected_bytes
+        fake = quant.fake_quantize_mxfp4_activations(x, ties=ties)
+        assert fake.dtype == dtype and fake.shape == x.shape
+        assert torch.equal(fake, quant.dequantize_mxfp4(packed, scales).to(dtype))
+
+
+def test_mxfp4_activations_validation():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.quantize_mxfp4_activations(torch.randn(2, 48))
+    with pytest.raises(ValueError, match="ties must be"):
+        quant.quantize_mxfp4_activations(torch.randn(2, 32), ties="up")
+    with pytest.raises(ValueError):
+        quant.quantize_mxfp4_activations(torch.zeros(2, 32, dtype=torch.int32))

@@ -7,6 +7,8 @@ Formats:
 * MXFP4 ("fp8_fp4" recipe, DeepGEMM SM100): OCP Microscaling v1.0, E2M1 elements, one E8M0
   (UE8M0, a biased power-of-two exponent byte) scale per 32 consecutive values along K;
   activations FP8 per 1x32 with power-of-two scales.
+* MXFP4 activations ("fp4_fp4" recipe, the opt-in w4a4 mode): E2M1 per 1x32 with the scale
+  DeepGEMM's kernels pick (`quantize_mxfp4_activations`), weights as in "fp8_fp4".
 
 Layout conventions verified against the published code (2026, sgl-deep-gemm 0.1.5 and
 transformers 5.23):
@@ -328,20 +330,21 @@ def _mxfp4_exponent_bytes(amax: torch.Tensor) -> torch.Tensor:
     return e.to(torch.uint8)
 
 
-def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+def _e2m1_codes(scaled: torch.Tensor, ties: str = "even") -> torch.Tensor:
     """Round float32 values (already divided by the block scale) to E2M1 codes; uint8.
 
-    Round to nearest, ties to even, magnitudes above 6 saturate to 6. Counting the midpoints
-    below |v| gives the magnitude index; a midpoint itself counts only if its tie goes up.
-    Zero and values rounding to zero get code 0 (never -0, code 8). NaN gives 0; its block
-    scale byte is already 255 (NaN), which is what the decoder propagates.
+    Round to nearest, ties to even (`ties="down"`: ties to the smaller magnitude), magnitudes
+    above 6 saturate to 6. Counting the midpoints below |v| gives the magnitude index; a
+    midpoint itself counts only if its tie goes up. Zero and values rounding to zero get code 0
+    (never -0, code 8). NaN gives 0; its block scale byte is already 255 (NaN), which is what
+    the decoder propagates.
     """
     magnitude = scaled.abs()
     index = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
     for midpoint in _TIE_TO_LOWER:
         index += magnitude > midpoint
     for midpoint in _TIE_TO_UPPER:
-        index += magnitude >= midpoint
+        index += (magnitude >= midpoint) if ties == "even" else (magnitude > midpoint)
     negative = (scaled < 0) & (index != 0)
     return index | (negative.to(torch.uint8) << 3)
 
@@ -396,6 +399,47 @@ def quantize_mxfp4(
     for chunk in _expert_chunks(fn, w, experts_per_chunk):
         packed[chunk], scales[chunk] = _quantize_mxfp4_chunk(w[chunk])
     return packed, scales
+
+
+# DeepGEMM's activation quantizers clamp a group's absolute maximum below at this value.
+ACTIVATION_AMAX_FLOOR = 1e-4
+
+
+@torch.no_grad()
+def quantize_mxfp4_activations(x: torch.Tensor, *, ties: str = "even") -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 activations the way DeepGEMM's w4a4 mode makes them (emulation for the reference kernel).
+
+    Not the OCP weight recipe of `quantize_mxfp4`: the scale is the smallest power of two with
+    amax / scale <= 6, i.e. 2^ceil(log2(max(amax, 1e-4) / 6)), so nothing saturates. This is
+    what sgl-deep-gemm's FP4 pre-dispatch (`per_token_cast_to_fp4` with UE8M0 scales) and its
+    L1 epilogue (`get_e2m1_sf_and_sf_inv`) compute. Rounding differs between the two:
+    the pre-dispatch encodes by comparing with the midpoints (`ties="down"`, a tie goes to the
+    smaller magnitude), the epilogue uses the hardware conversion (`ties="even"`).
+
+    Args:
+        x: [..., K] float16/bfloat16/float32/float64, K a multiple of 32.
+        ties: "even" or "down".
+
+    Returns:
+        packed: [..., K/2] int8 (low nibble first); scales: [..., K/32] uint8 E8M0 bytes.
+    """
+    fn = "quantize_mxfp4_activations"
+    _check_float_input(fn, "x", x, min_dim=1)
+    _check_multiple(fn, "K (dim -1)", x.shape[-1], MXFP4_BLOCK, x.shape)
+    if ties not in ("even", "down"):
+        raise ValueError(f"{fn}: ties must be 'even' or 'down', got {ties!r}")
+    groups = _at_most_float32(x).reshape(*x.shape[:-1], x.shape[-1] // MXFP4_BLOCK, MXFP4_BLOCK)
+    amax = _abs_max(groups, dim=-1).clamp_min(ACTIVATION_AMAX_FLOOR)
+    scale = _ceil_power_of_two(amax / E2M1_MAX)  # NaN/inf pass through: exponent byte 255 = NaN
+    codes = _e2m1_codes(groups / scale, ties)
+    exponent = ((scale.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    return _pack_nibbles(codes.reshape(x.shape)), exponent.squeeze(-1)
+
+
+def fake_quantize_mxfp4_activations(x: torch.Tensor, *, ties: str = "even") -> torch.Tensor:
+    """`quantize_mxfp4_activations` then dequantize: x as the w4a4 kernel sees it (same shape, dtype)."""
+    packed, scales = quantize_mxfp4_activations(x, ties=ties)
+    return dequantize_mxfp4(packed, scales).reshape(x.shape).to(x.dtype)
 
 
 def _check_mxfp4_pair(fn: str, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
