@@ -16,7 +16,9 @@ KERNELS = ("auto", "reference", "deepgemm")
 #        (DeepGEMM fp8_mega_moe, Hopper).
 # "fp8_fp4": MXFP4 weights (e2m1, UE8M0 scale per 1x32); FP8 activations per 1x32
 #        (DeepGEMM fp8_fp4_mega_moe, Blackwell).
-RECIPES = ("auto", "none", "fp8", "fp8_fp4")
+# "fp4_fp4": opt-in w4a4: the same MXFP4 weights, MXFP4 activations per 1x32 (fp8_fp4_mega_moe
+#        with mma_type "mxf4xmxf4", Blackwell; never chosen by "auto").
+RECIPES = ("auto", "none", "fp8", "fp8_fp4", "fp4_fp4")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 EP_MODES = ("none", "local_batch", "shared_batch")
 

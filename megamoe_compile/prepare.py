@@ -267,17 +267,24 @@ def default_recipe(kernel: str, spec: hf.MoESpec) -> str:
 
 
 def recipe_problem(kernel: str, recipe: str, spec: hf.MoESpec) -> str:
-    supported = {"reference": ("none", "fp8", "fp8_fp4"), "deepgemm_sm90": ("fp8",),
-                 "deepgemm_sm100": ("fp8_fp4",)}[kernel]
+    from .ops import deepgemm
+
+    supported = ("none", "fp8", "fp8_fp4", "fp4_fp4") if kernel == "reference" else deepgemm.RECIPES[kernel]
     if recipe not in supported:
-        return f"kernel {kernel} supports recipes {list(supported)}, not {recipe!r}"
+        hint = ""
+        if recipe in ("fp8_fp4", "fp4_fp4") and kernel == deepgemm.SM90:
+            hint = ("; Hopper has no FP4 tensor cores (its kernel expands FP4 weights to 'fp8'); "
+                    "kernel='reference' emulates this recipe on any device")
+        return f"kernel {kernel} supports recipes {list(supported)}, not {recipe!r}{hint}"
     if recipe == "none" and spec.weight_format != "dense":
         return f"recipe 'none' needs dense expert weights; this checkpoint holds {spec.weight_format}"
-    if recipe in ("fp8", "fp8_fp4"):
+    if recipe != "none":
         block = 128 if recipe == "fp8" else 32
         for dim, size in (("hidden", spec.hidden), ("moe_intermediate", spec.intermediate)):
             if size % block:
                 return f"recipe {recipe!r} needs {dim} size a multiple of {block}, got {size}"
+    if kernel in deepgemm.KERNELS:
+        return deepgemm.recipe_problem(kernel, recipe)
     return ""
 
 
@@ -291,10 +298,10 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
             source = source.experts(*plan.local_experts)  # this rank's experts only
         weights = layouts.to_recipe(source, spec.weight_format, plan.recipe)
         if plan.kernel != "reference":
-            weights = deepgemm.layout_weights(plan.kernel, weights)
+            weights = deepgemm.layout_weights(plan.kernel, weights, recipe=plan.recipe)
             local = dataclasses.replace(spec, num_experts=weights.w1.shape[0])
             deepgemm.reserve_buffer(plan.kernel, local, config.max_tokens_per_rank,
-                                    group=None if ep is None else ep.group)
+                                    group=None if ep is None else ep.group, recipe=plan.recipe)
     if plan.recipe == "none" and plan.local_experts is None:
         plan.prepared_bytes = 0  # the kernel reads the model's own weights
         return

@@ -2,9 +2,11 @@
 
 Two fakes stand for the two API generations: "0.1" has sgl-deep-gemm 0.1.5's signatures (torch
 2.11), "0.2" those of sgl-deep-gemm 0.2.x / DeepGEMM 2.8 (`num_shared_experts` before `mma_type`
-in the buffer call, `transform_weights_for_mega_moe(l1, l2, activation, mma_type)`, and here a
-pre-dispatch that folds `routed_scaling_factor` itself). Each records its calls, so the tests assert
-exactly which tensors, dtypes, shapes, recipe tuples and scalars the adapter hands over.
+in the buffer call, `transform_weights_for_mega_moe(l1, l2, activation, mma_type)`,
+`mega_moe_pre_dispatch(..., mma_type)`, and here a pre-dispatch that folds `routed_scaling_factor`
+itself). 0.1 selects FP4 activations (w4a4) with the pre-dispatch's `use_fp4_acts` and has one weight
+layout for both MMA types. Each records its calls, so the tests assert exactly which tensors, dtypes,
+shapes, recipe tuples, MMA types and scalars the adapter hands over.
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ class FakeGroup:
 
 
 class FakeBuffer:
-    def __init__(self, group, num_experts, max_tokens, top_k, hidden, intermediate, act_group):
-        self.group = group
+    def __init__(self, group, num_experts, max_tokens, top_k, hidden, intermediate, act_group, mma_type=None):
+        self.group, self.mma_type = group, mma_type
         self.num_experts, self.num_topk = num_experts, top_k
         self.hidden, self.intermediate_hidden = hidden, intermediate
         self.num_max_tokens_per_rank = -(-max_tokens // 64) * 64  # DeepGEMM aligns up
         n = self.num_max_tokens_per_rank
         self.buffer = torch.zeros(1024, dtype=torch.int8)
-        self.x = torch.zeros(n, hidden, dtype=torch.float8_e4m3fn)
+        fp4_acts = mma_type is not None and mma_type.split("x")[0] != "fp8"
+        # FP4 activations: two E2M1 codes per byte in the token slots.
+        self.x = torch.zeros(n, hidden // 2, dtype=torch.int8) if fp4_acts else torch.zeros(n, hidden, dtype=torch.float8_e4m3fn)
         self.x_sf = torch.zeros(n, hidden // act_group, dtype=torch.float32)
         self.topk_idx = torch.zeros(n, top_k, dtype=torch.int64)
         self.topk_weights = torch.zeros(n, top_k, dtype=torch.float32)
@@ -108,7 +112,8 @@ def fake_deep_gemm(generation: str, *, drop: tuple[str, ...] = ()) -> types.Modu
                                          activation="swiglu"):
             record("buffer", group=group, args=(num_experts, num_max_tokens_per_rank, num_topk, hidden,
                                                 intermediate_hidden), mma_type=mma_type)
-            return FakeBuffer(group, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, 32)
+            return FakeBuffer(group, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, 32,
+                              mma_type)
 
         def transform_weights_for_mega_moe(l1_weights, l2_weights, activation="swiglu"):
             record("transform_weights", l1=l1_weights, l2=l2_weights, mma_type=None)
@@ -118,7 +123,7 @@ def fake_deep_gemm(generation: str, *, drop: tuple[str, ...] = ()) -> types.Modu
                                   num_tokens, group_size=32, use_fp4_acts=False):
             record("pre_dispatch", x=x, topk_idx=topk_idx, topk_weights=topk_weights.clone(),
                    bufs=(buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights), num_tokens=num_tokens,
-                   group_size=group_size, routed_scaling_factor=None, use_fp4_acts=use_fp4_acts)
+                   group_size=group_size, routed_scaling_factor=None, use_fp4_acts=use_fp4_acts, mma_type=None)
     else:
         def get_symm_buffer_for_mega_moe(group, num_experts, num_max_tokens_per_rank, num_topk, hidden,
                                          intermediate_hidden, num_shared_experts=0, use_fp8_dispatch=None,
@@ -126,17 +131,19 @@ def fake_deep_gemm(generation: str, *, drop: tuple[str, ...] = ()) -> types.Modu
             assert num_shared_experts == 0
             record("buffer", group=group, args=(num_experts, num_max_tokens_per_rank, num_topk, hidden,
                                                 intermediate_hidden), mma_type=mma_type)
-            return FakeBuffer(group, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, 32)
+            return FakeBuffer(group, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, 32,
+                              mma_type)
 
         def transform_weights_for_mega_moe(l1_weights, l2_weights, activation="swiglu", mma_type="fp8xfp4"):
             record("transform_weights", l1=l1_weights, l2=l2_weights, mma_type=mma_type)
             return l1_weights, l2_weights
 
         def mega_moe_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
-                                  num_tokens, group_size=32, routed_scaling_factor=1.0):
+                                  num_tokens, group_size=32, routed_scaling_factor=1.0, mma_type="fp8xfp4"):
             record("pre_dispatch", x=x, topk_idx=topk_idx, topk_weights=topk_weights.clone(),
                    bufs=(buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights), num_tokens=num_tokens,
-                   group_size=group_size, routed_scaling_factor=routed_scaling_factor, use_fp4_acts=False)
+                   group_size=group_size, routed_scaling_factor=routed_scaling_factor, use_fp4_acts=None,
+                   mma_type=mma_type)
 
     for name, fn in list(locals().items()):
         if callable(fn) and not name.startswith("record") and name not in drop and name[0] != "_":
@@ -335,7 +342,9 @@ def test_sm100_kernel_stages_then_launches(install, generation):
     y = call_op("deepgemm_sm100", x, idx, weights, w, "fp8_fp4", limit=None)
     (pre,) = calls(dg, "pre_dispatch")
     assert torch.equal(pre["x"], x) and torch.equal(pre["topk_idx"], idx)
-    assert (pre["num_tokens"], pre["group_size"], pre["use_fp4_acts"]) == (5, 32, False)
+    assert (pre["num_tokens"], pre["group_size"]) == (5, 32)
+    # FP8 activations: 0.1's flag keeps its default, 0.2 is told the MMA type the buffer has.
+    assert (pre["use_fp4_acts"], pre["mma_type"]) == ((False, None) if generation == "0.1" else (None, "fp8xfp4"))
     if generation == "0.1":  # no routed_scaling_factor argument: the adapter scales the float32 weights
         assert pre["routed_scaling_factor"] is None
         assert pre["topk_weights"].dtype == torch.float32
@@ -347,6 +356,77 @@ def test_sm100_kernel_stages_then_launches(install, generation):
     assert k["y"] is y and y.dtype == torch.bfloat16 and y.shape == (5, 512) and torch.all(y == 2)
     assert k["recipe"] == (1, 1, 32) and k["buffer"] is buf and k["activation_clamp"] is None
     assert k["l1"][0] is w.w1 and k["l2"][1] is w.w2_scale
+
+
+# --------------------------------------------------------------------------- w4a4 (recipe "fp4_fp4")
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_w4a4_mode_reaches_buffer_weights_and_pre_dispatch_alike(install, generation):
+    dg = install(generation)
+    w = deepgemm.layout_weights("deepgemm_sm100", sm100_weights(), recipe="fp4_fp4")
+    fp8_acts = deepgemm.reserve_buffer("deepgemm_sm100", spec(), 64)
+    fp4_acts = deepgemm.reserve_buffer("deepgemm_sm100", spec(), 64, recipe="fp4_fp4")
+    assert fp4_acts is not fp8_acts  # token slots differ: one buffer per MMA type
+    assert [m["mma_type"] for m in calls(dg, "buffer")] == ["fp8xfp4", "mxf4xmxf4"]
+    assert fp4_acts.x.dtype == torch.int8 and fp4_acts.x.shape[1] == 256  # packed E2M1, hidden / 2
+    (tw,) = calls(dg, "transform_weights")
+    # 0.2 lays L1 out per MMA type; 0.1's transform has one layout for both and takes none.
+    assert tw["mma_type"] == (None if generation == "0.1" else "mxf4xmxf4")
+
+    x = torch.randn(3, 512, dtype=torch.bfloat16)
+    idx, weights = routing(3)
+    y = call_op("deepgemm_sm100", x, idx, weights, w, "fp4_fp4")
+    (pre,) = calls(dg, "pre_dispatch")
+    assert pre["group_size"] == 32 and pre["num_tokens"] == 3 and torch.equal(pre["x"], x)
+    assert (pre["use_fp4_acts"], pre["mma_type"]) == ((True, None) if generation == "0.1" else (None, "mxf4xmxf4"))
+    assert all(a is b for a, b in zip(pre["bufs"], (fp4_acts.x, fp4_acts.x_sf, fp4_acts.topk_idx,
+                                                      fp4_acts.topk_weights)))
+    (k,) = calls(dg, "fp8_fp4_mega_moe")
+    assert k["buffer"] is fp4_acts and k["recipe"] == (1, 1, 32) and k["y"] is y and y.shape == (3, 512)
+    # The default recipe on the same layer shape still finds the FP8-activation buffer.
+    call_op("deepgemm_sm100", x, idx, weights, w, "fp8_fp4")
+    assert calls(dg, "fp8_fp4_mega_moe")[-1]["buffer"] is fp8_acts
+
+
+def test_w4a4_needs_a_release_that_stages_fp4_activations(install, monkeypatch):
+    from megamoe_compile.prepare import choose_kernel
+
+    dg = install("0.1")
+    del dg.mega_moe_pre_dispatch  # a pre-dispatch without use_fp4_acts / mma_type
+
+    def mega_moe_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
+                              num_tokens, group_size=32):
+        raise AssertionError("must not be called")
+
+    dg.mega_moe_pre_dispatch = mega_moe_pre_dispatch
+    deepgemm.reset_probe()
+    why = deepgemm.recipe_problem("deepgemm_sm100", "fp4_fp4")
+    assert "recipe 'fp4_fp4' (w4a4, mma_type 'mxf4xmxf4') needs mega_moe_pre_dispatch" in why
+    assert "0.1-fake" in why and "use recipe 'fp8_fp4'" in why
+    assert deepgemm.recipe_problem("deepgemm_sm100", "fp8_fp4") == ""
+    gpu(monkeypatch, (10, 0))
+    with pytest.raises(mc.UnsupportedLayerError, match="needs mega_moe_pre_dispatch"):
+        choose_kernel(mc.MegaMoEConfig(recipe="fp4_fp4"), spec(device="cuda"))
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_w4a4_is_opt_in_and_blackwell_only(install, monkeypatch, generation):
+    from megamoe_compile.prepare import choose_kernel
+
+    install(generation)
+    gpu(monkeypatch, (10, 0))
+    assert choose_kernel(mc.MegaMoEConfig(), spec(device="cuda")) == ("deepgemm_sm100", "fp8_fp4", "")
+    assert choose_kernel(mc.MegaMoEConfig(recipe="fp4_fp4"), spec(device="cuda")) == ("deepgemm_sm100", "fp4_fp4", "")
+    gpu(monkeypatch, (9, 0))
+    with pytest.raises(mc.UnsupportedLayerError, match="Hopper has no FP4 tensor cores"):
+        choose_kernel(mc.MegaMoEConfig(recipe="fp4_fp4"), spec(device="cuda"))
+    # Anywhere, the reference kernel emulates it.
+    assert choose_kernel(mc.MegaMoEConfig(kernel="reference", recipe="fp4_fp4"), spec()) == ("reference", "fp4_fp4", "")
+    with pytest.raises(ValueError, match="supports recipes"):
+        deepgemm.layout_weights("deepgemm_sm90", sm90_weights(), recipe="fp4_fp4")
+    with pytest.raises(ValueError, match="supports recipes"):
+        deepgemm.reserve_buffer("deepgemm_sm90", spec(), 64, recipe="fp4_fp4")
 
 
 def test_kernel_picks_the_smallest_buffer_that_fits(install):
@@ -406,7 +486,7 @@ def test_kernel_rejects_non_bf16_activations_and_wrong_recipe(install):
     idx, weights = routing(2)
     with pytest.raises(TypeError, match="bfloat16"):
         call_op("deepgemm_sm90", torch.randn(2, 512), idx, weights, sm90_weights(), "fp8")
-    with pytest.raises(ValueError, match="recipe 'fp8'"):
+    with pytest.raises(ValueError, match=r"takes recipes \['fp8'\], got 'none'"):
         call_op("deepgemm_sm90", torch.randn(2, 512, dtype=torch.bfloat16), idx, weights, sm90_weights(), "none")
 
 

@@ -93,6 +93,32 @@ def test_reference_op_matches_a_naive_loop(tokens):
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_reference_w4a4_matches_a_naive_loop_on_fp4_activations():
+    """recipe "fp4_fp4": MXFP4 weights, and each GEMM's input rounded to MXFP4 the way DeepGEMM's
+    w4a4 kernel rounds it (staging: ties down; SwiGLU output: ties to even)."""
+    from megamoe_compile.ops import quant
+
+    x, idx, weights, w1, w2 = _random_layer(hidden=64, inter=64)
+    (q1, s1), (q2, s2) = quant.quantize_mxfp4(w1), quant.quantize_mxfp4(w2)
+    d1, d2 = quant.dequantize_mxfp4(q1, s1), quant.dequantize_mxfp4(q2, s2)
+    got = torch.ops.megamoe.fused_moe(x, idx, weights, q1, s1, q2, s2, kernel="reference", recipe="fp4_fp4",
+                                      routed_scaling_factor=1.5, swiglu_limit=0.5)
+    expected = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        xt = quant.fake_quantize_mxfp4_activations(x[t:t + 1], ties="down")[0]
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            h = (d1[e] @ xt).double()
+            gate, up = h[:64].clamp(max=0.5), h[64:].clamp(-0.5, 0.5)
+            a = quant.fake_quantize_mxfp4_activations((F.silu(gate) * up).float()[None], ties="even")[0]
+            expected[t] += weights[t, k].double() * 1.5 * (d2[e].double() @ a.double())
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    # FP4 activations are what set it apart from the FP8-activation recipe on the same weights.
+    fp8_acts = torch.ops.megamoe.fused_moe(x, idx, weights, q1, s1, q2, s2, kernel="reference", recipe="fp8_fp4",
+                                           routed_scaling_factor=1.5, swiglu_limit=0.5)
+    assert not torch.allclose(got, fp8_acts, atol=1e-4)
+
+
 def test_op_schema_fake_and_dispatch_pass_opcheck():
     x, idx, weights, w1, w2 = _random_layer()
     torch.library.opcheck(torch.ops.megamoe.fused_moe.default, (x, idx, weights, w1, None, w2, None),

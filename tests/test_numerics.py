@@ -113,7 +113,7 @@ def test_generate_gives_the_same_tokens():
     assert any(f.fused for f in be.fusions)
 
 
-@pytest.mark.parametrize("recipe, bound", [("fp8", 0.25), ("fp8_fp4", 0.5)])
+@pytest.mark.parametrize("recipe, bound", [("fp8", 0.25), ("fp8_fp4", 0.5), ("fp4_fp4", 0.8)])
 def test_reference_kernel_emulates_the_gpu_recipes(recipe, bound):
     """kernel="reference" with a quantized recipe: close to, not equal to, the bf16 model."""
     model = tiny_model(layers=2, hidden=128, intermediate=128)

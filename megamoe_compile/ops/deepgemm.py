@@ -5,7 +5,9 @@ Three parts, each small:
 * the adapter over the installed `deep_gemm` (`_Api`): finds the functions by name, passes only
   the keyword arguments their signatures take, and names the installed version in every error.
   It serves both API generations: sgl-deep-gemm 0.1.4.post1-0.1.5 (torch 2.11) and 0.2.x /
-  upstream DeepGEMM 2.8 (torch >= 2.13), which add `mma_type`, `num_shared_experts`, ...;
+  upstream DeepGEMM 2.8 (torch >= 2.13), which add `mma_type`, `num_shared_experts`, ...
+  On SM100 the recipe picks the MMA type: "fp8_fp4" (FP8 x FP4, default) or the opt-in w4a4
+  "fp4_fp4" (MXFP4 x MXFP4), passed alike to buffer, weight transform and pre-dispatch;
 * the symmetric buffers: one per (process group, device, kernel, experts, top-k, hidden,
   intermediate, max tokens), shared by every layer of that shape, reserved at load time by
   `reserve_buffer` (prepare calls it) so that they exist before any CUDA-graph capture. Without a
@@ -26,6 +28,7 @@ import functools
 import inspect
 import logging
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +43,17 @@ log = logging.getLogger("megamoe_compile")
 SM90 = "deepgemm_sm90"
 SM100 = "deepgemm_sm100"
 KERNELS = (SM90, SM100)
-# The recipe (storage format) each kernel's weights are in, and DeepGEMM's recipe tuple for it.
+# The recipe (weight storage and activation format) each kernel runs by default, the ones it can
+# run, and DeepGEMM's recipe tuple (the same for every recipe of a kernel).
 RECIPE = {SM90: "fp8", SM100: "fp8_fp4"}
+RECIPES = {SM90: ("fp8",), SM100: ("fp8_fp4", "fp4_fp4")}
 DG_RECIPE = {SM90: (128, 128, 128), SM100: (1, 1, 32)}
 # Activation quantization group of the pre-dispatch (1 x 128 on SM90, 1 x 32 UE8M0 on SM100).
 ACT_GROUP = {SM90: 128, SM100: 32}
-# SM100 MMA type: FP8 activations x FP4 weights. Buffer and weight transform must agree on it.
-SM100_MMA_TYPE = "fp8xfp4"
+# SM100 MMA type per recipe: FP8 x FP4 (default) or MXFP4 x MXFP4 (w4a4, opt-in). Buffer, weight
+# transform and pre-dispatch must agree on it: the buffer's token slots, the L1 gate/up
+# interleave and the activation format all depend on it.
+MMA_TYPE = {"fp8_fp4": "fp8xfp4", "fp4_fp4": "mxf4xmxf4"}
 
 _TORCH_MATCH = ("sgl-deep-gemm 0.1.4.post1-0.1.5 is built for torch 2.11; "
                 "sgl-deep-gemm 0.2.x for torch >= 2.13")
@@ -117,7 +124,8 @@ class _Api:
         return fn(*args, **_accepted(fn, kwargs))
 
     def accepts(self, role: str, name: str) -> bool:
-        return name in _parameters(self.fns[role])
+        params = _parameters(self.fns[role])
+        return params is None or name in params  # None: it takes **kwargs (or hides its signature)
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,18 +208,47 @@ def kernel_for(spec: hf.MoESpec) -> tuple[str | None, str]:
     return kernel, ""
 
 
-def layout_weights(kernel: str, weights: KernelWeights) -> KernelWeights:
+def recipe_problem(kernel: str, recipe: str) -> str:
+    """Why the installed deep_gemm cannot run `recipe` on `kernel` ("" when it can).
+
+    The w4a4 recipe needs a release whose buffer takes `mma_type` and whose pre-dispatch can
+    stage FP4 activations (`mma_type`, or 0.1.5's `use_fp4_acts`).
+    """
+    if recipe not in RECIPES[kernel]:
+        return f"kernel {kernel} supports recipes {list(RECIPES[kernel])}, not {recipe!r}"
+    if recipe != "fp4_fp4":
+        return ""
+    api, why = _api(kernel)
+    if api is None:
+        return why
+    missing = []
+    if not api.accepts("buffer", "mma_type"):
+        missing.append("get_symm_buffer_for_mega_moe(mma_type=...)")
+    if not (api.accepts("pre_dispatch", "mma_type") or api.accepts("pre_dispatch", "use_fp4_acts")):
+        missing.append("mega_moe_pre_dispatch(mma_type=... or use_fp4_acts=...)")
+    if missing:
+        return (f"recipe 'fp4_fp4' (w4a4, mma_type {MMA_TYPE[recipe]!r}) needs {' and '.join(missing)}, "
+                f"which {api.version} lacks; use recipe 'fp8_fp4' or an sgl-deep-gemm release with FP4 activations")
+    return ""
+
+
+def layout_weights(kernel: str, weights: KernelWeights, recipe: str | None = None) -> KernelWeights:
     """Lay recipe-format weights (plain [gate; up]) out for `kernel`. Once per layer, at load time.
 
     SM90: FP8 [E, 2I, H] + float32 [E, 2I/128, H/128] and FP8 [E, H, I] + float32 [E, H/128, I/128]
     -> gate/up rows interleaved by DeepGEMM, scales unchanged.
     SM100: MXFP4 int8 [E, 2I, H/2] + UE8M0 uint8 [E, 2I, H/32] (and w2 alike) -> scales as float32
     powers of two through `transform_sf_into_required_layout` (packed int32, MN-major), then
-    `transform_weights_for_mega_moe` (interleave gate/up, transpose scales for UTCCP).
+    `transform_weights_for_mega_moe` (interleave gate/up, transpose scales for UTCCP) for the
+    recipe's `mma_type`: releases that take it interleave gate/up differently for FP4
+    activations; 0.1.x has one layout for both modes and takes none.
     The result stays on the weights' device.
     """
     if kernel not in KERNELS:
         raise ValueError(f"megamoe: layout_weights: unknown DeepGEMM kernel {kernel!r}; one of {list(KERNELS)}")
+    recipe = recipe or RECIPE[kernel]
+    if recipe not in RECIPES[kernel]:
+        raise ValueError(f"megamoe: {kernel} supports recipes {list(RECIPES[kernel])}, not {recipe!r}")
     api = _require_api(kernel)
     w1, s1, w2, s2 = weights.w1, weights.w1_scale, weights.w2, weights.w2_scale
     if s1 is None or s2 is None:
@@ -229,7 +266,7 @@ def layout_weights(kernel: str, weights: KernelWeights) -> KernelWeights:
     sf1 = api.call("transform_sf", e8m0_to_float32(s1), two_i, hidden, recipe=(1, 32), num_groups=num_experts)
     sf2 = api.call("transform_sf", e8m0_to_float32(s2), hidden, intermediate, recipe=(1, 32), num_groups=num_experts)
     (w1, sf1), (w2, sf2) = api.call("transform_weights", (w1.contiguous(), sf1), (w2.contiguous(), sf2),
-                                    mma_type=SM100_MMA_TYPE)
+                                    mma_type=MMA_TYPE[recipe])
     return KernelWeights(w1, sf1, w2, sf2)
 
 
@@ -347,27 +384,40 @@ class BufferKey:
     hidden: int
     intermediate: int
     max_tokens: int  # per rank, as asked (DeepGEMM may align its buffer up)
+    recipe: str = ""  # the kernel's default recipe when "" (SM100: FP8 or FP4 activation slots)
+
+    def __post_init__(self):
+        if not self.recipe:
+            object.__setattr__(self, "recipe", RECIPE.get(self.kernel, ""))
+
+    def shape(self) -> tuple:
+        """Everything but max_tokens: buffers of one shape serve the same layers."""
+        return (self.group_name, self.device_index, self.kernel, self.num_experts, self.top_k, self.hidden,
+                self.intermediate, self.recipe)
 
 
 _BUFFERS: dict[BufferKey, Any] = {}
 
 
-def reserve_buffer(kernel: str, spec: hf.MoESpec, max_tokens_per_rank: int, group=None):
+def reserve_buffer(kernel: str, spec: hf.MoESpec, max_tokens_per_rank: int, group=None, recipe: str | None = None):
     """Allocate (once) the symmetric buffer `kernel` needs for layers shaped like `spec`.
 
     Load-time step (`prepare` calls it for every DeepGEMM layer): a collective over `group`
     (default: a private world-size-1 group on the experts' GPU), so it must happen before any
-    CUDA-graph capture and on every rank alike. Layers of the same shape share one buffer.
-    Returns the buffer; None for kernels that need none (the reference kernel).
+    CUDA-graph capture and on every rank alike. Layers of the same shape (and recipe) share one
+    buffer. Returns the buffer; None for kernels that need none (the reference kernel).
     """
     if kernel not in KERNELS:
         return None
+    recipe = recipe or RECIPE[kernel]
+    if recipe not in RECIPES[kernel]:
+        raise ValueError(f"megamoe: {kernel} supports recipes {list(RECIPES[kernel])}, not {recipe!r}")
     if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
         raise ValueError(f"megamoe: max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
     group_name = "" if group is None else register_group(group)
     group = group_for(group_name, spec.device)
     key = BufferKey(group_name, _device_index(spec.device), kernel, spec.num_experts * group.size(),
-                    spec.top_k, spec.hidden, spec.intermediate, max_tokens_per_rank)
+                    spec.top_k, spec.hidden, spec.intermediate, max_tokens_per_rank, recipe)
     return _allocate(key, group)
 
 
@@ -377,7 +427,7 @@ def _allocate(key: BufferKey, group):
         return buffer
     api = _require_api(key.kernel)
     args = (group, key.num_experts, key.max_tokens, key.top_k, key.hidden, key.intermediate)
-    kwargs = {"mma_type": SM100_MMA_TYPE} if key.kernel == SM100 else {}
+    kwargs = {"mma_type": MMA_TYPE[key.recipe]} if key.kernel == SM100 else {}
     with _on_device(key.device_index):
         try:
             buffer = api.call("buffer", *args, **kwargs)
@@ -422,28 +472,27 @@ def _on_device(device_index: int):
 
 
 def _buffers_of_shape(kernel: str, group_name: str, group, x: torch.Tensor, num_local_experts: int,
-                      top_k: int, intermediate: int) -> list[tuple[int, Any]]:
+                      top_k: int, intermediate: int, recipe: str) -> list[tuple[int, Any]]:
     """(max tokens, buffer) of every buffer reserved for this layer shape, ascending; reserves one
     now (with a warning) if prepare reserved none, which cannot happen during CUDA-graph capture."""
     tokens, hidden = x.shape
-    shape = (group_name, _device_index(x.device), kernel, num_local_experts * group.size(), top_k, hidden,
-             intermediate)
-    fitting = sorted(((k.max_tokens, b) for k, b in _BUFFERS.items()
-                      if (k.group_name, k.device_index, k.kernel, k.num_experts, k.top_k, k.hidden,
-                          k.intermediate) == shape), key=lambda kb: kb[0])
+    wanted = BufferKey(group_name, _device_index(x.device), kernel, num_local_experts * group.size(), top_k,
+                       hidden, intermediate, 0, recipe)
+    fitting = sorted(((k.max_tokens, b) for k, b in _BUFFERS.items() if k.shape() == wanted.shape()),
+                     key=lambda kb: kb[0])
     if fitting:
         return fitting
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            f"megamoe: {kernel}: no symmetric buffer was reserved for experts={shape[3]} top_k={top_k} "
-            f"hidden={hidden} intermediate={intermediate}, and one cannot be allocated during CUDA-graph "
-            f"capture; run megamoe_compile.prepare(model) (or ops.deepgemm.reserve_buffer) first")
+            f"megamoe: {kernel}: no symmetric buffer was reserved for experts={wanted.num_experts} top_k={top_k} "
+            f"hidden={hidden} intermediate={intermediate} recipe={recipe}, and one cannot be allocated during "
+            f"CUDA-graph capture; run megamoe_compile.prepare(model) (or ops.deepgemm.reserve_buffer) first")
     from ..config import MegaMoEConfig
 
     max_tokens = max(tokens, MegaMoEConfig().max_tokens_per_rank)
     log.warning("megamoe: %s: no symmetric buffer reserved for this shape; allocating one for %d tokens "
                 "now. prepare() should reserve it at load time.", kernel, max_tokens)
-    key = BufferKey(*shape[:3], shape[3], top_k, hidden, intermediate, max_tokens)
+    key = dataclasses.replace(wanted, max_tokens=max_tokens)
     return [(max_tokens, _allocate(key, group))]
 
 
@@ -478,17 +527,25 @@ _LAUNCHES: dict[tuple, _Launch] = {}
 _buffers_version = 0
 
 
-def _launch_for(kernel: str, x: torch.Tensor, num_local_experts: int, top_k: int, intermediate: int,
-                routed_scaling_factor: float, swiglu_limit: float | None, group_name: str) -> _Launch:
-    key = (kernel, group_name, x.device, num_local_experts, top_k, x.shape[1], intermediate,
+def _launch_for(kernel: str, recipe: str, x: torch.Tensor, num_local_experts: int, top_k: int,
+                intermediate: int, routed_scaling_factor: float, swiglu_limit: float | None,
+                group_name: str) -> _Launch:
+    key = (kernel, recipe, group_name, x.device, num_local_experts, top_k, x.shape[1], intermediate,
            routed_scaling_factor, swiglu_limit)
     launch = _LAUNCHES.get(key)
     if launch is not None and launch.version == _buffers_version:
         return launch
     api = _require_api(kernel)
     group = group_for(group_name, x.device)
-    buffers = _buffers_of_shape(kernel, group_name, group, x, num_local_experts, top_k, intermediate)
+    buffers = _buffers_of_shape(kernel, group_name, group, x, num_local_experts, top_k, intermediate, recipe)
     pre_kwargs = {"group_size": ACT_GROUP[kernel]}
+    if kernel == SM100:  # newer releases take the MMA type, 0.1.x a flag for FP4 activations
+        if api.accepts("pre_dispatch", "mma_type"):
+            pre_kwargs["mma_type"] = MMA_TYPE[recipe]
+        elif recipe == "fp4_fp4":
+            if not api.accepts("pre_dispatch", "use_fp4_acts"):
+                raise RuntimeError(f"megamoe: {kernel}: {recipe_problem(kernel, recipe)}")
+            pre_kwargs["use_fp4_acts"] = True
     scale_weights = None
     if api.accepts("pre_dispatch", "routed_scaling_factor"):
         pre_kwargs["routed_scaling_factor"] = float(routed_scaling_factor)
@@ -506,8 +563,8 @@ def _launch_for(kernel: str, x: torch.Tensor, num_local_experts: int, top_k: int
 
 def _run(kernel: str, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
          recipe, routed_scaling_factor, swiglu_limit, group_name):
-    if recipe != RECIPE[kernel]:
-        raise ValueError(f"megamoe: {kernel} takes recipe {RECIPE[kernel]!r} weights, got {recipe!r}")
+    if recipe not in RECIPES[kernel]:
+        raise ValueError(f"megamoe: {kernel} takes recipes {list(RECIPES[kernel])}, got {recipe!r}")
     if x.dtype != torch.bfloat16:
         raise TypeError(f"megamoe: {kernel} takes bfloat16 activations, got {x.dtype}")
     if w1_scale is None or w2_scale is None:
@@ -517,7 +574,7 @@ def _run(kernel: str, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
         return x.new_empty((0, hidden))
     # With expert parallelism a rank without tokens still launches: the other ranks' tokens may
     # be routed to its experts, and every rank synchronises through the buffer.
-    launch = _launch_for(kernel, x, w1.shape[0], topk_idx.shape[1], w1.shape[1] // 2,
+    launch = _launch_for(kernel, recipe, x, w1.shape[0], topk_idx.shape[1], w1.shape[1] // 2,
                          routed_scaling_factor, swiglu_limit, group_name)
     buffer = launch.buffer(tokens)  # raises before any launch when the tokens do not fit
     x = x.contiguous()
@@ -543,6 +600,7 @@ def deepgemm_sm90(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
 @register_kernel(SM100)
 def deepgemm_sm100(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
                    recipe, routed_scaling_factor, swiglu_limit, group_name):
-    """Blackwell: pre-dispatch (FP8 1x32 UE8M0 activations) + `fp8_fp4_mega_moe` on MXFP4 weights."""
+    """Blackwell: pre-dispatch (FP8, or with recipe "fp4_fp4" MXFP4, 1x32 UE8M0 activations) +
+    `fp8_fp4_mega_moe` on MXFP4 weights."""
     return _run(SM100, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
                 routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit, group_name=group_name)

@@ -90,7 +90,7 @@ def to_recipe(src: KernelWeights, weight_format: str, recipe: str) -> KernelWeig
             out = [(w, s.float()) for w, s in pairs]
         else:  # FP4 checkpoint on Hopper: no FP4 tensor cores, expand to FP8 blocks once
             out = [quant.mxfp4_to_fp8_blocks(w, _as_e8m0(s)) for w, s in pairs]
-    elif recipe == "fp8_fp4":
+    elif recipe in ("fp8_fp4", "fp4_fp4"):  # both hold MXFP4 weights; they differ in activations
         if weight_format == "dense":
             out = [quant.quantize_mxfp4(w) for w, _ in pairs]
         elif weight_format == "mxfp4":

@@ -1,8 +1,9 @@
 """Reference kernel: the fused MoE in plain torch, on any device.
 
 Recipe "none" computes what Hugging Face's experts code computes (matmuls in the activation
-dtype). Recipes "fp8" and "fp8_fp4" emulate DeepGEMM's numerics: weights as stored, activations
-fake-quantized per group before each GEMM, so the CPU shows the accuracy the GPU kernel will have.
+dtype). Recipes "fp8", "fp8_fp4" and "fp4_fp4" emulate DeepGEMM's numerics: weights as stored,
+activations fake-quantized per group before each GEMM, so the CPU shows the accuracy the GPU
+kernel will have.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from . import quant
 from .fused_moe import register_kernel, resolve_group
 
-# recipe -> (activation group along K, power-of-two activation scales)
+# recipe -> (activation group along K, power-of-two activation scales) of the FP8-activation recipes
 _ACTIVATION_GROUPS = {"fp8": (128, False), "fp8_fp4": (32, True)}
 
 
@@ -23,14 +24,19 @@ def expert_weight(w: torch.Tensor, scale: torch.Tensor | None, recipe: str, e: i
         return w[e]
     if recipe == "fp8":
         return quant.dequantize_fp8_blocks(w[e], scale[e])
-    if recipe == "fp8_fp4":
+    if recipe in ("fp8_fp4", "fp4_fp4"):
         return quant.dequantize_mxfp4(w[e], scale[e])
     raise ValueError(f"reference kernel: unknown recipe {recipe!r}")
 
 
-def _activations(x: torch.Tensor, recipe: str) -> torch.Tensor:
+def _activations(x: torch.Tensor, recipe: str, gemm: int) -> torch.Tensor:
+    """x as GEMM `gemm` (1 or 2) of the recipe's kernel reads it."""
     if recipe == "none":
         return x
+    if recipe == "fp4_fp4":
+        # w4a4: DeepGEMM's pre-dispatch stages the hidden states rounding ties down; the L1
+        # epilogue converts the SwiGLU output with the hardware's round-to-nearest-even.
+        return quant.fake_quantize_mxfp4_activations(x.float(), ties="down" if gemm == 1 else "even")
     group, pow2 = _ACTIVATION_GROUPS[recipe]
     return quant.fake_quantize_fp8_groups(x.float(), group, power_of_two_scale=pow2)
 
@@ -93,14 +99,14 @@ def _local_experts(x, topk_idx, weights, w1, w1_scale, w2, w2_scale, recipe, swi
         if not 0 <= e < w1.shape[0]:
             continue  # another rank's expert, or none
         token, slot = torch.where(topk_idx == global_e)
-        h = F.linear(_activations(x[token], recipe).to(compute_dtype),
+        h = F.linear(_activations(x[token], recipe, 1).to(compute_dtype),
                      expert_weight(w1, w1_scale, recipe, e).to(compute_dtype))
         gate, up = h.chunk(2, dim=-1)
         if swiglu_limit is not None:
             gate = gate.clamp(max=swiglu_limit)
             up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
         h = F.silu(gate) * up
-        y = F.linear(_activations(h, recipe).to(compute_dtype),
+        y = F.linear(_activations(h, recipe, 2).to(compute_dtype),
                      expert_weight(w2, w2_scale, recipe, e).to(compute_dtype))
         out.index_add_(0, token, y.float() * weights[token, slot, None])
     return out
