@@ -1,6 +1,7 @@
 """End to end: generate() tokens per second on a multi-layer GPU-sized DeepSeek-V4 (random weights).
 
     python benchmarks/bench_generate.py [--layers 4] [--batch 4] [--new-tokens 48] [--out gen.json]
+                                        [--variants hf_eager,torch_compile,megamoe]
 
 Variants, in one run on the same model: HF eager (grouped_mm experts), plain torch.compile
 (inductor), and the megamoe backend. Each compiled variant runs one untimed generate() first
@@ -20,6 +21,9 @@ import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 import megamoe_compile as mc
+
+
+VARIANTS = ("hf_eager", "torch_compile", "megamoe")
 
 
 def build(layers: int) -> DeepseekV4ForCausalLM:
@@ -57,15 +61,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of " + ",".join(VARIANTS) + " (hf_eager always runs first: "
+                             "it is the reference for token agreement)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_generate.json"))
     args = parser.parse_args()
+    variants = ["hf_eager"] + [v for v in args.variants.split(",") if v and v != "hf_eager"]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     warnings.filterwarnings("ignore")
 
     model = build(args.layers)
     original_forward = model.forward
     prompts = torch.randint(0, 8192, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1)).cuda()
     rows, reference = {}, None
-    for variant in ("hf_eager", "torch_compile", "megamoe"):
+    for variant in variants:
         torch._dynamo.reset()
         model.forward = original_forward
         try:
