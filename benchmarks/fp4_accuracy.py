@@ -8,8 +8,10 @@ routing differs across tokens. Several seeds.
 
 For each recipe of `MegaMoEConfig(kernel="reference", recipe=...)` - "none" (the bf16 weights),
 "fp8" (FP8 e4m3 weights per 128x128 block, FP8 activations per 1x128: the SM90 kernel's numerics)
-and "fp8_fp4" (MXFP4 weights, FP8 activations per 1x32 with power-of-two scales: the SM100
-kernel's numerics) - the compiled model is compared with eager bf16 Hugging Face:
+"fp8_fp4" (MXFP4 weights, FP8 activations per 1x32 with power-of-two scales: the SM100
+kernel's numerics) and "fp4_fp4" (the opt-in w4a4 mode: the same MXFP4 weights, MXFP4 activations
+per 1x32 as DeepGEMM's pre-dispatch and L1 epilogue make them) - the compiled model is compared
+with eager bf16 Hugging Face:
 
   layer    diff (below) of one top-k layer's routed-experts output against HF's bf16 experts on
            the same tokens and routing: the kernel's numerics alone
@@ -50,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import megamoe_compile as mc  # noqa: E402
 from megamoe_compile.ops import layouts, quant  # noqa: E402
 
-RECIPES = ("none", "fp8", "fp8_fp4")
+RECIPES = ("none", "fp8", "fp8_fp4", "fp4_fp4")
 VOCAB = 1024
 SIZES = dict(hidden=256, intermediate=256, experts=16, top_k=4, layers=4, hash_layers=2)
 
