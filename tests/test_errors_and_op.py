@@ -19,7 +19,8 @@ from conftest import input_ids, tiny_model
     (dict(include="model.*"), "MegaMoEConfig.include must be a list or tuple"),
     (dict(filter_fn="yes"), "filter_fn must be callable"),
     (dict(max_tokens_per_rank=0), "max_tokens_per_rank must be a positive int"),
-    (dict(ep_group=object()), "ep_group is set but ep_mode is 'none'"),
+    (dict(ep_group=object()), "ep_group/ep_check_calls are set but ep_mode is 'none'"),
+    (dict(ep_check_calls=True), "ep_group/ep_check_calls are set but ep_mode is 'none'"),
 ])
 def test_invalid_config_values(fields, message):
     with pytest.raises(ValueError, match=None) as info:

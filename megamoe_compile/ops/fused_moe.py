@@ -68,6 +68,9 @@ def fused_moe(
             f"megamoe.fused_moe: unknown kernel {kernel!r}; registered: {sorted(_KERNELS)}"
         ) from None
 
+    if group_name and group_name in _STEP_CHECKS:
+        _check_in_step(group_name, w1, x.device)
+
     def run(x, topk_idx, topk_weights):
         return impl(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
                     routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit,
@@ -93,6 +96,49 @@ def _shared_batch(run, x, topk_idx, topk_weights, group_name):
     gathered = padded.new_empty(world * per_rank, x.shape[1])
     dist.all_gather_into_tensor(gathered, padded, group=group)
     return gathered[:tokens]
+
+
+# Opt-in lockstep check (MegaMoEConfig.ep_check_calls): group name -> calls made so far, and
+# kernel-ready w1 storage -> the layer it belongs to (prepare registers both).
+_STEP_CHECKS: dict[str, int] = {}
+_LAYER_OF_WEIGHT: dict[int, int] = {}
+
+
+def check_calls(group_name: str, enabled: bool) -> None:
+    """Turn the per-call lockstep check on or off for an expert-parallel group."""
+    if enabled:
+        _STEP_CHECKS.setdefault(group_name, 0)
+    else:
+        _STEP_CHECKS.pop(group_name, None)
+
+
+def register_layer(w1: torch.Tensor, layer: int) -> None:
+    """Remember which layer the kernel-ready `w1` belongs to (the same number on every rank)."""
+    _LAYER_OF_WEIGHT[w1.data_ptr()] = layer
+
+
+def _check_in_step(group_name: str, w1: torch.Tensor, device: torch.device) -> None:
+    """Before a fused call, all ranks compare (layer, call number): a rank that skipped or added a
+    call makes every rank raise here, instead of all of them waiting forever inside a kernel that
+    synchronises the group. Costs one small all-gather and a host sync per call; skipped while a
+    CUDA graph is being captured (replays run no Python). A rank that stopped calling altogether
+    cannot be detected this way: the others wait in the all-gather until the group's timeout."""
+    import torch.distributed as dist
+
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    group = resolve_group(group_name)
+    call = _STEP_CHECKS[group_name]
+    _STEP_CHECKS[group_name] = call + 1
+    mine = torch.tensor([_LAYER_OF_WEIGHT.get(w1.data_ptr(), -1), call], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    stamps = [tuple(t.tolist()) for t in every]
+    if len(set(stamps)) > 1:
+        where = ", ".join(f"rank {r}: layer {layer} call {n}" for r, (layer, n) in enumerate(stamps))
+        raise RuntimeError(f"megamoe: expert-parallel ranks are out of step before a fused MoE call ({where}); "
+                           "every rank must make the same MoE calls in the same order (generate with "
+                           "synced_gpus=True; give every rank the same number of forward passes)")
 
 
 def resolve_group(group_name: str):

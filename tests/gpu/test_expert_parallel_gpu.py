@@ -18,6 +18,7 @@ from gpu_helpers import cos_diff, deepgemm_skip_reason, ids, v4_model  # noqa: E
 pytestmark = pytest.mark.multigpu
 
 EXPERTS, HIDDEN, INTER, TOP_K = 64, 2048, 1024, 6
+HIDDEN_MODEL = 512  # v4_model's hidden size (16 experts, top-4)
 TOKENS = {0: [0, 1, 7, 128], 1: [1, 0, 33, 128]}  # per rank, per round: 0 and 1 on some ranks
 
 
@@ -100,11 +101,26 @@ def _worker(rank, world, directory):
             with torch.no_grad():
                 expected = model(prompt).logits
                 # The rest of the graph as traced: inductor around the op is covered on one GPU.
-                config = mc.MegaMoEConfig(ep_mode=mode, inner_backend="eager")
+                # local_batch also runs the opt-in lockstep check before every fused call.
+                config = mc.MegaMoEConfig(ep_mode=mode, inner_backend="eager", ep_check_calls=mode == "local_batch")
                 mc.prepare(model, config)
                 be = mc.backend(config)
                 got = torch.compile(model, backend=be)(prompt).logits
             results[mode] = (all(f.fused for f in be.fusions), cos_diff(got.float(), expected.float()))
+            if mode == "local_batch":  # rank 1 "skipped" layer 0: both ranks must raise, not hang
+                from megamoe_compile.prepare import kernel_weights
+
+                w = kernel_weights(model.model.layers[rank].mlp.experts)
+                x = torch.randn(2, HIDDEN_MODEL, device="cuda", dtype=torch.bfloat16)
+                idx = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32, device="cuda")
+                try:
+                    torch.ops.megamoe.fused_moe(x, idx, torch.rand(2, 4, device="cuda"), w.w1, w.w1_scale, w.w2,
+                                                w.w2_scale, kernel="deepgemm_sm90", recipe="fp8",
+                                                routed_scaling_factor=1.0, swiglu_limit=None,
+                                                group_name=str(group.group_name))
+                    results["out_of_step"] = "no error"
+                except RuntimeError as e:
+                    results["out_of_step"] = str(e)
     except Exception:
         results["error"] = traceback.format_exc()
     torch.save(results, f"{directory}/rank{rank}.pt")
@@ -138,3 +154,10 @@ def test_model_on_every_rank_matches_the_unfused_model(ranks, mode):
         fused, diff = res[mode]
         print(f"rank {rank} {mode}: fused={fused} diff={diff:.2e}")
         assert fused and diff < 2e-2
+
+
+def test_ranks_out_of_step_fail_together_with_ep_check_calls(ranks):
+    for rank, res in enumerate(ranks):
+        print(f"rank {rank} out of step: {res['out_of_step'][:160]}")
+        assert res["out_of_step"].startswith("megamoe: expert-parallel ranks are out of step")
+        assert "rank 0: layer 0" in res["out_of_step"] and "rank 1: layer 1" in res["out_of_step"]

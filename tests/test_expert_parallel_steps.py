@@ -1,0 +1,110 @@
+"""`MegaMoEConfig(ep_check_calls=True)`: ranks that fall out of step fail together, with a message.
+
+Two CPU processes over gloo (reference kernel). Without the check, a rank that skipped a fused call
+leaves the others waiting in the kernel's (or the collectives') synchronisation for good.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import megamoe_compile as mc
+from conftest import eager_backend, input_ids, tiny_model
+from megamoe_compile.prepare import kernel_weights
+
+fused_moe = importlib.import_module("megamoe_compile.ops.fused_moe")  # the module (ops exports the op by that name)
+
+WORLD = 2
+
+
+def _call_layer(model, layer: int, group_name: str):
+    """One fused call with layer `layer`'s prepared weights (what the compiled model would make)."""
+    w = kernel_weights(model.model.layers[layer].mlp.experts)
+    x = torch.randn(2, model.config.hidden_size)
+    idx = torch.tensor([[0, 3], [1, 2]], dtype=torch.int32)
+    return torch.ops.megamoe.fused_moe(x, idx, torch.rand(2, 2), w.w1, w.w1_scale, w.w2, w.w2_scale,
+                                       kernel="reference", recipe="none", routed_scaling_factor=1.0,
+                                       swiglu_limit=None, group_name=group_name)
+
+
+def _scenarios(rank, results):
+    group_name = str(dist.group.WORLD.group_name)
+    model = tiny_model(layers=2, experts=4, top_k=2)
+    be = eager_backend(ep_mode="local_batch", ep_check_calls=True)
+    mc.prepare(model, be.config)
+    with torch.no_grad():  # in step: the check passes, the model runs as usual
+        results["logits"] = torch.compile(model, backend=be)(input_ids(batch=1, seq=3 + rank, seed=rank)).logits
+    results["fused"] = [f.fused for f in be.fusions]
+    results["calls_after_forward"] = fused_moe._STEP_CHECKS[group_name]
+
+    def attempt(name, fn):
+        try:
+            fn()
+            results[name] = "no error"
+        except RuntimeError as e:
+            results[name] = str(e)
+
+    # Rank 1 skipped layer 0's call: it is at layer 1 while rank 0 is at layer 0.
+    attempt("skipped_layer", lambda: _call_layer(model, rank, group_name))
+    # Rank 1 made one call more than rank 0 (same layer, different call number).
+    fused_moe._STEP_CHECKS[group_name] += rank
+    attempt("extra_call", lambda: _call_layer(model, 0, group_name))
+
+
+def _worker(rank, store_dir):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(store_dir, "store"), WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        _scenarios(rank, results)
+    except Exception:
+        results["error"] = traceback.format_exc()
+    torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("ep_steps"))
+    mp.spawn(_worker, args=(directory,), nprocs=WORLD, join=True)
+    out = [torch.load(os.path.join(directory, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    for r, res in enumerate(out):
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    return out
+
+
+def test_ranks_in_step_run_normally(ranks):
+    model = tiny_model(layers=2, experts=4, top_k=2)
+    for rank, res in enumerate(ranks):
+        assert res["fused"] == [True, True]
+        assert res["calls_after_forward"] == 2  # one per fused layer
+        with torch.no_grad():
+            expected = model(input_ids(batch=1, seq=3 + rank, seed=rank)).logits
+        torch.testing.assert_close(res["logits"], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_skipped_call_fails_on_every_rank(ranks):
+    for res in ranks:
+        assert res["skipped_layer"].startswith(
+            "megamoe: expert-parallel ranks are out of step before a fused MoE call "
+            "(rank 0: layer 0 call 2, rank 1: layer 1 call 2); every rank must make the same MoE calls")
+
+
+def test_an_extra_call_fails_on_every_rank(ranks):
+    for res in ranks:
+        assert "(rank 0: layer 0 call 3, rank 1: layer 0 call 4)" in res["extra_call"]
+
+
+def test_the_check_is_opt_in():
+    assert mc.MegaMoEConfig().ep_check_calls is False
+    with pytest.raises(ValueError, match="ep_check_calls are set but ep_mode is 'none'"):
+        mc.MegaMoEConfig(ep_check_calls=True)
