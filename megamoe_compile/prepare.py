@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 import weakref
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -107,14 +108,16 @@ class ExpertParallel:
                    config.ep_mode == "shared_batch")
 
     def local_range(self, spec: hf.MoESpec) -> tuple[int, int]:
-        """[first, last) global expert ids this rank holds."""
-        if spec.expert_parallel:  # transformers already sharded the experts: keep its shard
-            local = spec.num_experts
-        else:
-            if spec.num_experts % self.world:
-                raise ValueError(f"{spec.name}: {spec.num_experts} experts cannot be split evenly over "
-                                 f"an expert-parallel group of {self.world} ranks")
-            local = spec.num_experts // self.world
+        """[first, last) global expert ids this rank holds of a layer's `spec.num_experts` experts.
+
+        Only for experts every rank holds whole: experts that transformers' expert parallelism
+        already sharded are never fused (`_plan_layer`), and their range is the EP mesh's
+        (`spec.ep_experts`), which need not follow this group's ranks.
+        """
+        if spec.num_experts % self.world:
+            raise ValueError(f"{spec.name}: {spec.num_experts} experts cannot be split evenly over "
+                             f"an expert-parallel group of {self.world} ranks")
+        local = spec.num_experts // self.world
         return self.rank * local, (self.rank + 1) * local
 
     def check_consistent(self, plans: list[LayerPlan]) -> None:
@@ -172,6 +175,10 @@ def kernel_weights(experts: torch.nn.Module) -> layouts.KernelWeights:
 def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
                 ep: ExpertParallel | None = None) -> LayerPlan:
     experts = block.experts
+    if ep is not None:  # per group, not per layer; here so that re-plans at compile time apply it too
+        from .ops.fused_moe import check_calls
+
+        check_calls(ep.group_name, config.ep_check_calls)
     old = getattr(experts, "_megamoe_plan", None)
     if getattr(experts, "_megamoe_released", False):
         if old.fingerprint[0] != config.plan_key():
@@ -193,8 +200,20 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
         selected, why = config.selects(block, name, index)
         if not selected:
             plan.reason = why
-        elif spec.expert_parallel and ep is None:
-            plan.reason = "experts are sharded by transformers' expert parallelism; set ep_mode to fuse them"
+        elif spec.expert_parallel:
+            # transformers' expert parallelism sharded these experts and installed its own dispatch
+            # as their forward (`hf.transformers_ep_shard`): the traced code maps ids to local ones,
+            # masks other ranks' experts and all-reduces, a pattern the pass does not rewrite, and
+            # any other forward on the shard with the router's global ids would be wrong. So the
+            # layer stays transformers' (eager and compiled), with its shard as it is: nothing is
+            # re-sliced or copied, and no kernel weights are built that would never run.
+            first, last = spec.ep_experts
+            plan.local_experts = spec.ep_experts  # for the report: the range transformers gave this rank
+            plan.reason = (f"experts sharded by transformers' expert parallelism (this rank holds experts "
+                           f"[{first}, {last}) of {spec.num_experts * len(spec.ep_ranks)}) run transformers' "
+                           "own expert-parallel forward, which the pass does not rewrite; to fuse them, load "
+                           "the model without transformers' expert parallelism and set MegaMoEConfig.ep_mode "
+                           "(prepare then keeps only this rank's experts)")
         else:
             kernel, recipe, why = choose_kernel(config, spec)
             if kernel is None:
@@ -302,6 +321,11 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
             local = dataclasses.replace(spec, num_experts=weights.w1.shape[0])
             deepgemm.reserve_buffer(plan.kernel, local, config.max_tokens_per_rank,
                                     group=None if ep is None else ep.group, recipe=plan.recipe)
+    if plan.group_name:  # for the opt-in lockstep check: the same layer number on every rank
+        from .ops.fused_moe import register_layer
+
+        register_layer(weights.w1, plan.layer_index if plan.layer_index is not None
+                       else zlib.crc32(plan.name.encode()) & 0x7FFFFFFF)
     if plan.recipe == "none" and plan.local_experts is None:
         plan.prepared_bytes = 0  # the kernel reads the model's own weights
         return
@@ -359,10 +383,11 @@ def _drop_buffers(experts: torch.nn.Module) -> None:
 
 
 def _nbytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for n, p in module.named_parameters())
+    # What this rank holds: a DTensor's numel() counts every rank's shard.
+    return sum(hf.local_tensor(p).numel() * p.element_size() for n, p in module.named_parameters())
 
 
 def _fingerprint(config: MegaMoEConfig, block: torch.nn.Module) -> tuple:
-    w = block.experts.gate_up_proj
+    w = hf.local_tensor(block.experts.gate_up_proj)
     return (config.plan_key(), w.device, w.dtype, w.data_ptr(),
             hf.experts_implementation(block.experts))

@@ -80,6 +80,50 @@ def _scenarios(rank, results):
         except ValueError as e:
             results[name] = str(e)
 
+    # Last: transformers' mesh adds process groups. Its own failure stays its own tests'.
+    try:
+        _transformers_ep_scenario(rank, results)
+    except Exception:
+        results["hf_ep_error"] = traceback.format_exc()
+
+
+def _transformers_ep_scenario(rank, results):
+    """A model that transformers sharded itself: DistributedConfig(tp_size=2, ep_size=2) on a model built in
+    place (what bench_expert_parallel.py does), then prepare + compile in each ep_mode."""
+    from transformers import DeepseekV4ForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    model = _model()
+    ids = input_ids(batch=3, seq=3)  # the same batch on every rank: transformers' AllReduceEP needs it
+    with torch.no_grad():
+        results["hf_ep_reference"] = model(ids).logits  # the plain model, not sharded
+    full = [layer.mlp.experts.gate_up_proj.detach().clone() for layer in model.model.layers]
+    dc, _, mesh = DeepseekV4ForCausalLM.prepare_distribute_model(DistributedConfig(tp_size=WORLD, ep_size=WORLD))
+    model = DeepseekV4ForCausalLM.maybe_distribute_model(model, dc, mesh)
+    sharded = [layer.mlp.experts.gate_up_proj for layer in model.model.layers]
+    for mode in ("none", "shared_batch", "local_batch"):
+        be = eager_backend(kernel="reference", ep_mode=mode)
+        mc.prepare(model, be.config)
+        layers = []
+        for i, (plan, layer) in enumerate(zip(mc.layer_plans(model), model.model.layers)):
+            experts = layer.mlp.experts
+            local = experts.gate_up_proj.to_local()
+            layers.append({
+                "fuse": plan.fuse, "reason": plan.reason, "local_experts": plan.local_experts,
+                "num_experts": plan.spec.num_experts, "ep_experts": plan.spec.ep_experts,
+                "expert_parallel": plan.spec.expert_parallel,
+                "original_bytes": plan.original_bytes, "prepared_bytes": plan.prepared_bytes,
+                "kernel_buffers": [n for n, _ in experts.named_buffers() if n.startswith("megamoe_")],
+                "same_parameter": experts.gate_up_proj is sharded[i], "local_shape": tuple(local.shape),
+                "local_is_transformers_slice": torch.equal(local, full[i][rank * 2: rank * 2 + 2]),
+            })
+        results[f"hf_ep_{mode}_plans"] = layers
+        if mode != "none":
+            with torch.no_grad():
+                results[f"hf_ep_{mode}_logits"] = torch.compile(model, backend=be)(ids).logits
+            results[f"hf_ep_{mode}_fusions"] = [(f.name, f.fused, f.reason) for f in be.fusions]
+            torch._dynamo.reset()
+
 
 def _worker(rank, store_dir):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -153,3 +197,37 @@ def test_misuse_fails_on_every_rank(ranks):
         assert res["indivisible"] == ("model.layers.0.mlp: 3 experts cannot be split evenly over an "
                                       "expert-parallel group of 2 ranks")
         assert res["mismatch"].startswith("megamoe: expert-parallel ranks planned differently")
+
+
+# -- a model transformers sharded with its own expert parallelism ------------------------------
+
+HF_EP_MODES = ("shared_batch", "local_batch")
+
+
+def test_transformers_ep_experts_are_read_as_sharded_not_resharded(ranks):
+    for rank, res in enumerate(ranks):
+        assert "hf_ep_error" not in res, f"rank {rank}:\n{res['hf_ep_error']}"
+        for mode in ("none", *HF_EP_MODES):
+            for layer in res[f"hf_ep_{mode}_plans"]:
+                # transformers' range for this rank, E/N = 2 of 4 experts each, kept as it is
+                assert layer["expert_parallel"] and layer["num_experts"] == 2
+                assert layer["ep_experts"] == layer["local_experts"] == (2 * rank, 2 * rank + 2)
+                assert layer["same_parameter"] and layer["local_shape"] == (2, 64, 64)
+                assert layer["local_is_transformers_slice"]
+                assert layer["original_bytes"] == 2 * (64 * 64 + 64 * 32) * 4  # this rank's shard only
+                # left to transformers' EP forward (the pass cannot rewrite it): no kernel copy
+                assert not layer["fuse"] and layer["kernel_buffers"] == [] and layer["prepared_bytes"] == 0
+                assert layer["reason"].startswith(
+                    f"experts sharded by transformers' expert parallelism (this rank holds experts "
+                    f"[{2 * rank}, {2 * rank + 2}) of 4) run transformers' own expert-parallel forward")
+
+
+def test_transformers_ep_model_compiles_unfused_and_matches_unsharded(ranks):
+    for rank, res in enumerate(ranks):
+        assert "hf_ep_error" not in res, f"rank {rank}:\n{res['hf_ep_error']}"
+        for mode in HF_EP_MODES:
+            fusions = res[f"hf_ep_{mode}_fusions"]
+            plans = res[f"hf_ep_{mode}_plans"]
+            assert [name for name, _, _ in fusions] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+            assert [(fused, reason) for _, fused, reason in fusions] == [(False, p["reason"]) for p in plans]
+            torch.testing.assert_close(res[f"hf_ep_{mode}_logits"], res["hf_ep_reference"], atol=2e-5, rtol=1e-4)
