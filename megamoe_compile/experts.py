@@ -1,9 +1,10 @@
-"""The experts implementation `prepare` installs on layers whose original weights it released.
+"""The experts implementation `prepare` installs where a fused layer's eager forward must run the op.
 
-With `MegaMoEConfig(release_original_weights=True)` only the kernel-ready copy of a fused layer's
-expert weights remains, so its eager forward must use it too: the layer's experts run through
-transformers' own `ExpertsInterface` under the name "megamoe", which calls the fused op.
-dynamo traces that call as it is; the pass recognises it as already fused.
+Two cases: with `MegaMoEConfig(release_original_weights=True)` only the kernel-ready copy of the
+expert weights remains; with experts that transformers' expert parallelism sharded, its dispatch
+(local ids, masking, all-reduce) is replaced by the op over the same ranks. The layer's experts
+then run through transformers' own `ExpertsInterface` under the name "megamoe", which calls the
+fused op. dynamo traces that call as it is; the pass recognises it as already fused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ IMPLEMENTATION = "megamoe"
 def megamoe_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     plan = self._megamoe_plan
-    w1, w1_scale, w2, w2_scale = (getattr(self, "megamoe_" + k) for k in ("w1", "w1_scale", "w2", "w2_scale"))
+    # Scales are absent for recipe "none" (weights as the model holds them).
+    w1, w1_scale, w2, w2_scale = (getattr(self, "megamoe_" + k, None) for k in ("w1", "w1_scale", "w2", "w2_scale"))
     # The router already applied routed_scaling_factor to these weights.
     return torch.ops.megamoe.fused_moe(
         hidden_states, top_k_index.to(torch.int32), top_k_weights.to(torch.float32),

@@ -49,6 +49,9 @@ class LayerPlan:
     original_bytes: int = 0
     prepared_bytes: int = 0
     released: bool = False  # the original expert weights were freed (release_original_weights)
+    # The experts' own forward runs the fused op (after a release, or in place of transformers'
+    # expert-parallel dispatch): the traced graph then already holds the op.
+    eager_fused: bool = False
     # Expert parallelism: the op's process group ("" = none), this rank's experts, and whether all
     # ranks share one batch (each fuses a slice) or each has its own.
     group_name: str = ""
@@ -93,6 +96,7 @@ class ExpertParallel:
     world: int
     rank: int
     shared_batch: bool
+    ranks: tuple[int, ...] = ()  # global ranks of the group, in group-rank order
 
     @classmethod
     def from_config(cls, config: MegaMoEConfig) -> ExpertParallel | None:
@@ -105,14 +109,14 @@ class ExpertParallel:
                              "on every rank (e.g. under torchrun: dist.init_process_group())")
         group = config.ep_group or dist.group.WORLD
         return cls(group, str(group.group_name), dist.get_world_size(group), dist.get_rank(group),
-                   config.ep_mode == "shared_batch")
+                   config.ep_mode == "shared_batch", tuple(dist.get_process_group_ranks(group)))
 
     def local_range(self, spec: hf.MoESpec) -> tuple[int, int]:
         """[first, last) global expert ids this rank holds of a layer's `spec.num_experts` experts.
 
         Only for experts every rank holds whole: experts that transformers' expert parallelism
-        already sharded are never fused (`_plan_layer`), and their range is the EP mesh's
-        (`spec.ep_experts`), which need not follow this group's ranks.
+        already sharded keep the range its mesh gave them (`spec.ep_experts`, checked against
+        this group by `transformers_ep_problem`).
         """
         if spec.num_experts % self.world:
             raise ValueError(f"{spec.name}: {spec.num_experts} experts cannot be split evenly over "
@@ -200,20 +204,9 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
         selected, why = config.selects(block, name, index)
         if not selected:
             plan.reason = why
-        elif spec.expert_parallel:
-            # transformers' expert parallelism sharded these experts and installed its own dispatch
-            # as their forward (`hf.transformers_ep_shard`): the traced code maps ids to local ones,
-            # masks other ranks' experts and all-reduces, a pattern the pass does not rewrite, and
-            # any other forward on the shard with the router's global ids would be wrong. So the
-            # layer stays transformers' (eager and compiled), with its shard as it is: nothing is
-            # re-sliced or copied, and no kernel weights are built that would never run.
-            first, last = spec.ep_experts
+        elif spec.expert_parallel and (why := transformers_ep_problem(spec, ep)):
             plan.local_experts = spec.ep_experts  # for the report: the range transformers gave this rank
-            plan.reason = (f"experts sharded by transformers' expert parallelism (this rank holds experts "
-                           f"[{first}, {last}) of {spec.num_experts * len(spec.ep_ranks)}) run transformers' "
-                           "own expert-parallel forward, which the pass does not rewrite; to fuse them, load "
-                           "the model without transformers' expert parallelism and set MegaMoEConfig.ep_mode "
-                           "(prepare then keeps only this rank's experts)")
+            plan.reason = why
         else:
             kernel, recipe, why = choose_kernel(config, spec)
             if kernel is None:
@@ -222,7 +215,8 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
                 plan.fuse, plan.kernel, plan.recipe = True, kernel, recipe
                 if ep is not None:
                     plan.group_name, plan.shared_batch = ep.group_name, ep.shared_batch
-                    plan.local_experts = ep.local_range(spec)
+                    # transformers' shard as it is, or this rank's even share of whole experts
+                    plan.local_experts = spec.ep_experts if spec.expert_parallel else ep.local_range(spec)
                 try:
                     _build(experts, spec, plan, config, ep)
                 except RuntimeError as e:  # the kernel library refused this shape at load time
@@ -231,7 +225,9 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
                         raise UnsupportedLayerError(f"{name}: {e}") from e
                     plan.fuse, plan.kernel, plan.recipe = False, None, None
                     plan.reason, plan.prepared_bytes = str(e), 0
-                if plan.fuse and spec.experts_implementation in (None, "eager"):
+                if plan.fuse and spec.expert_parallel:
+                    _replace_transformers_ep_forward(block, plan)
+                elif plan.fuse and spec.experts_implementation in (None, "eager"):
                     _trace_through_grouped_mm(experts)
                     plan.notes.append(
                         "experts_implementation 'eager' loops in Python (a graph break); this layer "
@@ -249,6 +245,25 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
         else:
             _release_original_weights(block, plan)
     return plan
+
+
+def transformers_ep_problem(spec: hf.MoESpec, ep: ExpertParallel | None) -> str:
+    """Why experts that transformers' expert parallelism sharded cannot be fused ("" when they can).
+
+    They can when megamoe's group is transformers' EP mesh, rank for rank: the kernel splits
+    experts evenly and contiguously by group rank, which is exactly how the mesh sharded them.
+    """
+    first, last = spec.ep_experts
+    held = (f"experts sharded by transformers' expert parallelism (this rank holds experts [{first}, {last}) "
+            f"of {spec.num_experts * len(spec.ep_ranks)})")
+    if ep is None:
+        return (f"{held} run transformers' own expert-parallel forward; set MegaMoEConfig.ep_mode "
+                "('shared_batch' for the batch every rank holds) to fuse them over the same ranks")
+    if ep.ranks != spec.ep_ranks:
+        return (f"{held}: transformers' EP mesh is ranks {list(spec.ep_ranks)} but the megamoe group is ranks "
+                f"{list(ep.ranks)}; the kernel needs the same ranks in the same order (set MegaMoEConfig.ep_group "
+                "to the EP mesh's group)")
+    return ""
 
 
 def choose_kernel(config: MegaMoEConfig, spec: hf.MoESpec) -> tuple[str | None, str | None, str]:
@@ -313,7 +328,10 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
 
     with torch.no_grad():
         source = layouts.source_weights(experts, spec.weight_format)
-        if plan.local_experts is not None and not spec.expert_parallel:
+        if spec.expert_parallel:  # DTensor shards of transformers' EP: this rank's part as it is
+            source = layouts.KernelWeights(*(None if t is None else hf.local_tensor(t)
+                                             for t in source.tensors().values()))
+        elif plan.local_experts is not None:
             source = source.experts(*plan.local_experts)  # this rank's experts only
         weights = layouts.to_recipe(source, spec.weight_format, plan.recipe)
         if plan.kernel != "reference":
@@ -334,7 +352,7 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
             experts.register_buffer(_BUFFER_PREFIX + key, tensor, persistent=False)
     # Count only new memory: views of the model's own tensors (a checkpoint already in the
     # recipe's format, this rank's slice of the experts) cost nothing extra.
-    own = {p.untyped_storage().data_ptr() for p in experts.parameters()}
+    own = {hf.local_tensor(p).untyped_storage().data_ptr() for p in experts.parameters()}
     own |= {b.untyped_storage().data_ptr() for n, b in experts.named_buffers() if not n.startswith(_BUFFER_PREFIX)}
     plan.prepared_bytes = sum(t.numel() * t.element_size() for t in weights.tensors().values()
                               if t is not None and t.untyped_storage().data_ptr() not in own)
@@ -352,22 +370,42 @@ def _trace_through_grouped_mm(experts: torch.nn.Module) -> None:
     experts.config = cfg
 
 
-def _release_original_weights(block: torch.nn.Module, plan: LayerPlan) -> None:
-    """Keep only the kernel-ready weights; the layer's eager forward then runs the fused op."""
+def _run_fused_op_in_forward(block: torch.nn.Module, plan: LayerPlan) -> None:
+    """Make the experts' own forward (eager, and so what dynamo traces) the fused op on the
+    kernel-ready weights, through transformers' experts interface under the name "megamoe"."""
     from . import experts as megamoe_experts
 
     experts = block.experts
     megamoe_experts.register()
     _trace_through_grouped_mm(experts)
     experts.config._experts_implementation = megamoe_experts.IMPLEMENTATION
+    # dynamo sees the prepared weights as the layer's inputs: find the block through them.
+    _BLOCK_BY_WEIGHT[experts.megamoe_w1] = weakref.ref(block)
+    plan.eager_fused = True
+
+
+def _release_original_weights(block: torch.nn.Module, plan: LayerPlan) -> None:
+    """Keep only the kernel-ready weights; the layer's eager forward then runs the fused op."""
+    experts = block.experts
+    _run_fused_op_in_forward(block, plan)
     for name in ("gate_up_proj", "down_proj"):
-        old = getattr(experts, name)
+        old = hf.local_tensor(getattr(experts, name))
         setattr(experts, name, torch.nn.Parameter(old.new_empty(0), requires_grad=False))
     experts._megamoe_released = True
-    # dynamo now sees the prepared weights as the layer's inputs: find the block through them.
-    _BLOCK_BY_WEIGHT[experts.megamoe_w1] = weakref.ref(block)
     plan.notes.append("original expert weights released; eager and compiled forward use the fused op")
     plan.released = True
+
+
+def _replace_transformers_ep_forward(block: torch.nn.Module, plan: LayerPlan) -> None:
+    """transformers' EP installed its dispatch (`ep_forward`: local ids, masking, all-reduce) as the
+    experts' instance forward. The fused op takes the router's global ids and combines across the
+    group itself, so that dispatch is set aside (restored on re-plan) and the op runs instead."""
+    experts = block.experts
+    if "forward" in vars(experts):
+        experts._megamoe_transformers_forward = vars(experts).pop("forward")
+    _run_fused_op_in_forward(block, plan)
+    plan.notes.append("transformers' expert-parallel dispatch replaced by the fused op over the same ranks "
+                      "(its experts shard used as it is)")
 
 
 def _restore_implementation(experts: torch.nn.Module) -> None:
@@ -375,6 +413,10 @@ def _restore_implementation(experts: torch.nn.Module) -> None:
     if original is not None:
         experts.config = original
         experts._megamoe_original_config = None
+    forward = getattr(experts, "_megamoe_transformers_forward", None)
+    if forward is not None:
+        experts.forward = forward
+        experts._megamoe_transformers_forward = None
 
 
 def _drop_buffers(experts: torch.nn.Module) -> None:

@@ -101,7 +101,8 @@ def _transformers_ep_scenario(rank, results):
     dc, _, mesh = DeepseekV4ForCausalLM.prepare_distribute_model(DistributedConfig(tp_size=WORLD, ep_size=WORLD))
     model = DeepseekV4ForCausalLM.maybe_distribute_model(model, dc, mesh)
     sharded = [layer.mlp.experts.gate_up_proj for layer in model.model.layers]
-    for mode in ("none", "shared_batch", "local_batch"):
+    # "none" last again: re-planning gives transformers' own dispatch back.
+    for step, mode in enumerate(("none", "shared_batch", "local_batch", "none")):
         be = eager_backend(kernel="reference", ep_mode=mode)
         mc.prepare(model, be.config)
         layers = []
@@ -114,15 +115,17 @@ def _transformers_ep_scenario(rank, results):
                 "expert_parallel": plan.spec.expert_parallel,
                 "original_bytes": plan.original_bytes, "prepared_bytes": plan.prepared_bytes,
                 "kernel_buffers": [n for n, _ in experts.named_buffers() if n.startswith("megamoe_")],
+                "transformers_forward": "forward" in vars(experts), "notes": list(plan.notes),
                 "same_parameter": experts.gate_up_proj is sharded[i], "local_shape": tuple(local.shape),
                 "local_is_transformers_slice": torch.equal(local, full[i][rank * 2: rank * 2 + 2]),
             })
-        results[f"hf_ep_{mode}_plans"] = layers
-        if mode != "none":
-            with torch.no_grad():
-                results[f"hf_ep_{mode}_logits"] = torch.compile(model, backend=be)(ids).logits
-            results[f"hf_ep_{mode}_fusions"] = [(f.name, f.fused, f.reason) for f in be.fusions]
-            torch._dynamo.reset()
+        key = f"hf_ep_{mode}" + ("_again" if step == 3 else "")
+        results[f"{key}_plans"] = layers
+        with torch.no_grad():
+            results[f"{key}_eager_logits"] = model(ids).logits  # eager runs the fused op too
+            results[f"{key}_logits"] = torch.compile(model, backend=be)(ids).logits
+        results[f"{key}_fusions"] = [(f.name, f.fused, f.reason) for f in be.fusions]
+        torch._dynamo.reset()
 
 
 def _worker(rank, store_dir):
@@ -207,27 +210,41 @@ HF_EP_MODES = ("shared_batch", "local_batch")
 def test_transformers_ep_experts_are_read_as_sharded_not_resharded(ranks):
     for rank, res in enumerate(ranks):
         assert "hf_ep_error" not in res, f"rank {rank}:\n{res['hf_ep_error']}"
-        for mode in ("none", *HF_EP_MODES):
-            for layer in res[f"hf_ep_{mode}_plans"]:
+        for key in ("hf_ep_none", *(f"hf_ep_{m}" for m in HF_EP_MODES), "hf_ep_none_again"):
+            for layer in res[f"{key}_plans"]:
                 # transformers' range for this rank, E/N = 2 of 4 experts each, kept as it is
                 assert layer["expert_parallel"] and layer["num_experts"] == 2
                 assert layer["ep_experts"] == layer["local_experts"] == (2 * rank, 2 * rank + 2)
                 assert layer["same_parameter"] and layer["local_shape"] == (2, 64, 64)
                 assert layer["local_is_transformers_slice"]
                 assert layer["original_bytes"] == 2 * (64 * 64 + 64 * 32) * 4  # this rank's shard only
-                # left to transformers' EP forward (the pass cannot rewrite it): no kernel copy
-                assert not layer["fuse"] and layer["kernel_buffers"] == [] and layer["prepared_bytes"] == 0
-                assert layer["reason"].startswith(
-                    f"experts sharded by transformers' expert parallelism (this rank holds experts "
-                    f"[{2 * rank}, {2 * rank + 2}) of 4) run transformers' own expert-parallel forward")
+                # recipe "none": the kernel reads transformers' shard itself, no copy
+                assert layer["prepared_bytes"] == 0
 
 
-def test_transformers_ep_model_compiles_unfused_and_matches_unsharded(ranks):
+def test_transformers_ep_model_fuses_over_the_same_ranks(ranks):
     for rank, res in enumerate(ranks):
-        assert "hf_ep_error" not in res, f"rank {rank}:\n{res['hf_ep_error']}"
         for mode in HF_EP_MODES:
-            fusions = res[f"hf_ep_{mode}_fusions"]
-            plans = res[f"hf_ep_{mode}_plans"]
-            assert [name for name, _, _ in fusions] == ["model.layers.0.mlp", "model.layers.1.mlp"]
-            assert [(fused, reason) for _, fused, reason in fusions] == [(False, p["reason"]) for p in plans]
-            torch.testing.assert_close(res[f"hf_ep_{mode}_logits"], res["hf_ep_reference"], atol=2e-5, rtol=1e-4)
+            plans, fusions = res[f"hf_ep_{mode}_plans"], res[f"hf_ep_{mode}_fusions"]
+            assert all(p["fuse"] and p["kernel_buffers"] for p in plans)
+            assert not any(p["transformers_forward"] for p in plans)  # its dispatch set aside
+            assert all("transformers' expert-parallel dispatch replaced by the fused op" in p["notes"][-1]
+                       for p in plans)
+            assert [(name, fused) for name, fused, _ in fusions] == [("model.layers.0.mlp", True),
+                                                                      ("model.layers.1.mlp", True)]
+            for logits in ("logits", "eager_logits"):
+                torch.testing.assert_close(res[f"hf_ep_{mode}_{logits}"], res["hf_ep_reference"], atol=2e-5, rtol=1e-4)
+
+
+def test_transformers_ep_model_without_ep_mode_stays_transformers(ranks):
+    for rank, res in enumerate(ranks):
+        for key in ("hf_ep_none", "hf_ep_none_again"):  # before any fusion, and re-planned after one
+            for plan, (_, fused, reason) in zip(res[f"{key}_plans"], res[f"{key}_fusions"]):
+                assert not plan["fuse"] and not fused and plan["kernel_buffers"] == []
+                assert plan["transformers_forward"]  # transformers' own dispatch in place
+                assert reason == plan["reason"] and reason.startswith(
+                    f"experts sharded by transformers' expert parallelism (this rank holds experts "
+                    f"[{2 * rank}, {2 * rank + 2}) of 4) run transformers' own expert-parallel forward; "
+                    "set MegaMoEConfig.ep_mode")
+            for logits in ("logits", "eager_logits"):
+                torch.testing.assert_close(res[f"{key}_{logits}"], res["hf_ep_reference"], atol=2e-5, rtol=1e-4)

@@ -96,7 +96,7 @@ def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module, experts_key: str) -> L
     spec = plan.spec
     result.traced_as = spec.traced_implementation
     try:
-        if plan.released:  # prepare installed the fused op as the experts' own forward
+        if plan.eager_fused:  # prepare installed the fused op as the experts' own forward
             result.traced_as = "megamoe"
             _check_already_fused(gm.graph, experts_key, block, plan)
         else:
@@ -106,7 +106,7 @@ def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module, experts_key: str) -> L
         result.reason = str(e)
         log.info("megamoe: %s not fused: %s", plan.name, e)
         return result
-    if not plan.released:
+    if not plan.eager_fused:
         _rewrite(gm, match, block, plan)
     result.fused, result.kernel, result.recipe = True, plan.kernel, plan.recipe
     result.notes = list(plan.notes)

@@ -121,6 +121,26 @@ def _worker(rank, world, directory):
                     results["out_of_step"] = "no error"
                 except RuntimeError as e:
                     results["out_of_step"] = str(e)
+
+        # A model that transformers sharded with its own expert parallelism (its DTensor shards, its
+        # dispatch): prepare keeps the shards and runs the fused op over the same ranks instead.
+        from transformers import DeepseekV4ForCausalLM
+        from transformers.distributed import DistributedConfig
+
+        torch._dynamo.reset()
+        model, prompt = v4_model(), ids()
+        with torch.no_grad():
+            expected = model(prompt).logits
+            dc, _, mesh = DeepseekV4ForCausalLM.prepare_distribute_model(DistributedConfig(tp_size=world, ep_size=world))
+            model = DeepseekV4ForCausalLM.maybe_distribute_model(model, dc, mesh)
+            config = mc.MegaMoEConfig(ep_mode="shared_batch", inner_backend="eager")
+            mc.prepare(model, config)
+            be = mc.backend(config)
+            got = torch.compile(model, backend=be)(prompt).logits
+        plans = mc.layer_plans(model)
+        results["transformers_ep"] = (all(f.fused for f in be.fusions) and len(be.fusions) == len(plans),
+                                      [(p.kernel, p.local_experts) for p in plans],
+                                      cos_diff(got.float(), expected.float()))
     except Exception:
         results["error"] = traceback.format_exc()
     torch.save(results, f"{directory}/rank{rank}.pt")
@@ -161,3 +181,13 @@ def test_ranks_out_of_step_fail_together_with_ep_check_calls(ranks):
         print(f"rank {rank} out of step: {res['out_of_step'][:160]}")
         assert res["out_of_step"].startswith("megamoe: expert-parallel ranks are out of step")
         assert "rank 0: layer 0" in res["out_of_step"] and "rank 1: layer 1" in res["out_of_step"]
+
+
+def test_a_model_sharded_by_transformers_ep_fuses_over_the_same_ranks(ranks):
+    world = len(ranks)
+    for rank, res in enumerate(ranks):
+        fused, layers, diff = res["transformers_ep"]
+        print(f"rank {rank} transformers EP model: fused={fused} layers={layers} diff={diff:.2e}")
+        local = 16 // world  # v4_model: 16 experts
+        assert fused and all(layer == ("deepgemm_sm90", (rank * local, (rank + 1) * local)) for layer in layers)
+        assert diff < 2e-2
