@@ -8,6 +8,7 @@ experts module as non-persistent buffers so they move with `model.to()` and stay
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -135,7 +136,11 @@ class ExpertParallel:
                             p.spec and (p.spec.num_experts, p.spec.hidden, p.spec.intermediate, p.spec.top_k))
                            for p in plans]}
         every = [None] * self.world
-        dist.all_gather_object(every, mine, group=self.group)
+        # NCCL's object gather stages through the *current* CUDA device; pin it to the experts' GPU
+        # (other libraries may have moved it, e.g. a device mesh built without LOCAL_RANK).
+        cuda = next((p.spec.device for p in plans if p.spec is not None and p.spec.device.type == "cuda"), None)
+        with torch.cuda.device(cuda) if cuda is not None else contextlib.nullcontext():
+            dist.all_gather_object(every, mine, group=self.group)
         for r, theirs in enumerate(every):
             if theirs["layers"] != mine["layers"]:
                 diff = next((a, b) for a, b in zip(mine["layers"] + [None], theirs["layers"] + [None]) if a != b)

@@ -62,6 +62,9 @@ def _worker(rank, world, directory):
     import megamoe_compile as mc
     from megamoe_compile.ops import deepgemm, layouts
 
+    # What torchrun sets: transformers' device mesh picks the GPU from LOCAL_RANK (0 when unset,
+    # which would move rank 1's current device to cuda:0 under torch.multiprocessing).
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{directory}/store", rank=rank, world_size=world,
                             device_id=torch.device("cuda", rank))
