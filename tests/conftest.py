@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import traceback
+
 import pytest
 import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
@@ -49,6 +52,35 @@ def tiny_model(*, dtype: torch.dtype = torch.float32, seed: int = 0, softmax_rou
 
 def input_ids(batch: int = 2, seq: int = 5, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def run_on_gloo_ranks(scenarios, directory: str, world: int = 2) -> list[dict]:
+    """Run `scenarios(rank, results)` (a module-level function) in `world` CPU processes over gloo;
+    return what each rank put in `results`. One spawn for many checks: processes start slowly on
+    2 cores. A rank's exception fails here, with its traceback."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(scenarios, directory, world), nprocs=world, join=True)
+    out = [torch.load(os.path.join(directory, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    for r, res in enumerate(out):
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    return out
+
+
+def _gloo_worker(rank: int, scenarios, directory: str, world: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    store = dist.FileStore(os.path.join(directory, "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    results = {}
+    try:
+        scenarios(rank, results)
+    except Exception:
+        results["error"] = traceback.format_exc()
+    torch.save(results, os.path.join(directory, f"rank{rank}.pt"))
+    dist.destroy_process_group()
 
 
 def eager_backend(**fields) -> mc.MegaMoEBackend:

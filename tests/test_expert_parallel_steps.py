@@ -7,16 +7,13 @@ leaves the others waiting in the kernel's (or the collectives') synchronisation 
 from __future__ import annotations
 
 import importlib
-import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import megamoe_compile as mc
-from conftest import eager_backend, input_ids, tiny_model
+from conftest import eager_backend, input_ids, run_on_gloo_ranks, tiny_model
 from megamoe_compile.prepare import kernel_weights
 
 fused_moe = importlib.import_module("megamoe_compile.ops.fused_moe")  # the module (ops exports the op by that name)
@@ -58,28 +55,9 @@ def _scenarios(rank, results):
     attempt("extra_call", lambda: _call_layer(model, 0, group_name))
 
 
-def _worker(rank, store_dir):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    store = dist.FileStore(os.path.join(store_dir, "store"), WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
-    results = {}
-    try:
-        _scenarios(rank, results)
-    except Exception:
-        results["error"] = traceback.format_exc()
-    torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("ep_steps"))
-    mp.spawn(_worker, args=(directory,), nprocs=WORLD, join=True)
-    out = [torch.load(os.path.join(directory, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(out):
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
-    return out
+    return run_on_gloo_ranks(_scenarios, str(tmp_path_factory.mktemp("ep_steps")), WORLD)
 
 
 def test_ranks_in_step_run_normally(ranks):
