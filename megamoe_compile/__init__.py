@@ -9,14 +9,14 @@ Data flows one way: config -> prepare (weights) -> pass (graph) -> ops (kernels)
 """
 
 from . import ops  # noqa: F401  (defines torch.ops.megamoe.*)
-from .backend import CompiledGraph, MegaMoEBackend, backend, megamoe_backend
+from .backend import CompiledGraph, MegaMoEBackend, backend, compile, megamoe_backend
 from .config import MegaMoEConfig
 from .explain import LayerReport, MoEReport, explain
 from .prepare import LayerPlan, UnsupportedLayerError, layer_plans, prepare
 
 __all__ = [
     "CompiledGraph", "LayerPlan", "LayerReport", "MegaMoEBackend", "MegaMoEConfig", "MoEReport",
-    "UnsupportedLayerError", "backend", "explain", "layer_plans", "megamoe_backend", "prepare",
+    "UnsupportedLayerError", "backend", "compile", "explain", "layer_plans", "megamoe_backend", "prepare",
 ]
 __version__ = "0.1.0"
 

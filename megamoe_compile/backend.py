@@ -1,9 +1,10 @@
-"""The "megamoe" torch.compile backend: prepare (if needed) -> fuse MoE layers -> inner compiler."""
+"""The "megamoe" torch.compile backend: fuse the prepared MoE layers -> inner compiler. It never prepares."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,8 @@ import torch.fx as fx
 from . import hf
 from . import prepare as prep
 from .config import MegaMoEConfig
-from .passes import LayerFusion, fuse_moe_layers, prepared_blocks, unprepared_moe_weights
+from .passes import LayerFusion, fuse_moe_layers, prepared_blocks, unprepared_moe_blocks
+from .passes.fuse_moe import _is_marker
 
 log = logging.getLogger("megamoe_compile")
 
@@ -73,22 +75,47 @@ class MegaMoEBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
                  options: dict[str, Any] | None = None):
         fields, inner_options = MegaMoEConfig.split_options(options)
+        plan_fields = sorted(set(fields) - COMPILE_FIELDS)
+        if plan_fields:
+            # Refused before anything happens: what is fused, how, and whether weights are released
+            # is decided at load time, by prepare; the backend never re-plans or frees weights.
+            raise ValueError(f"megamoe: torch.compile options {plan_fields} are MegaMoEConfig fields that prepare "
+                             "decides; pass them to mc.prepare(model, mc.MegaMoEConfig(...)) (or use "
+                             f"mc.compile(model, config)); options= takes {sorted(COMPILE_FIELDS)} and inductor options")
         # Without an explicit config, the one the model was prepared with; options= refine it.
         config = self.config or _prepared_config(gm) or MegaMoEConfig()
         if fields:
             config = config.replace(**fields)
         original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if self._run_original else None
-        fusions = self._fuse(gm, config)
+        fusions = self._fuse(gm)
         self.graphs.append(CompiledGraph(gm, fusions))
         if original is not None:
+            _drop_markers(original)
             return original.forward
         return _inner_compile(gm, example_inputs, config.inner_backend, mode, inner_options)
 
-    def _fuse(self, gm: fx.GraphModule, config: MegaMoEConfig) -> list[LayerFusion]:
+    def _fuse(self, gm: fx.GraphModule) -> list[LayerFusion]:
         if hf.v4_classes() is None:
             return []
-        _ensure_prepared(gm, config)
-        return fuse_moe_layers(gm)
+        unprepared = unprepared_moe_blocks(gm.graph)
+        if self.config is not None:
+            for block in prepared_blocks(gm.graph):
+                plan = block.experts._megamoe_plan
+                if plan.config is not None and plan.config.plan_key() != self.config.plan_key():
+                    raise ValueError(f"megamoe: {plan.name} was prepared with another config than this backend's "
+                                     f"({plan.config} vs {self.config}); call mc.prepare(model, config) with the "
+                                     "backend's config first (or use mc.compile(model, config))")
+        fusions = fuse_moe_layers(gm)
+        for name in unprepared:
+            fusions.append(LayerFusion(name, hf.layer_index(name), False, reason=NOT_PREPARED))
+        if unprepared:
+            _warn_once(unprepared, f"{len(unprepared)} DeepSeek-V4 MoE layer(s) in this graph were not prepared and "
+                       "stay unfused; call mc.prepare(model, config) before torch.compile (or use mc.compile(model, "
+                       "config))")
+        for f in fusions:
+            if f.needs_attention:
+                _warn_once([f.name + f.reason], f"megamoe: {f.reason}; the layer is left unfused")
+        return fusions
 
     @property
     def fusions(self) -> list[LayerFusion]:
@@ -108,42 +135,43 @@ def megamoe_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = No
     return MegaMoEBackend()(gm, example_inputs, mode=mode, options=options)
 
 
-def _ensure_prepared(gm: fx.GraphModule, config: MegaMoEConfig) -> None:
-    """Prepare what the graph needs: prepare an unprepared model, re-plan blocks planned for another config."""
-    if unprepared_moe_weights(gm.graph):
-        root = _module_being_compiled()
-        if root is None:
-            log.warning("megamoe: the graph holds DeepSeek-V4 MoE layers that prepare() has not seen and "
-                        "the model being compiled is not reachable; call megamoe_compile.prepare(model) "
-                        "before compiling. Those layers are left unfused.")
-        else:
-            prep.prepare(root, config)
-    for block in prepared_blocks(gm.graph):
-        prep.replan_block(block, config)
+# The only config fields that act at compile time; every other field is prepare's.
+COMPILE_FIELDS = frozenset({"inner_backend"})
+NOT_PREPARED = "not prepared: call mc.prepare(model, config) before compiling (or use mc.compile(model, config))"
+_WARNED: set[str] = set()  # what was warned about, once per process
+
+
+def _warn_once(keys: list[str], message: str) -> None:
+    new = [k for k in keys if k not in _WARNED]
+    if new:
+        _WARNED.update(new)
+        warnings.warn(message if message.startswith("megamoe") else f"megamoe: {message} ({', '.join(keys[:4])}"
+                      f"{', ...' if len(keys) > 4 else ''})", stacklevel=3)
+
+
+def _drop_markers(gm: fx.GraphModule) -> None:
+    for node in [n for n in gm.graph.nodes if _is_marker(n)]:
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _prepared_config(gm: fx.GraphModule) -> MegaMoEConfig | None:
-    """The config `prepare` used for the MoE blocks of this graph (or of the model being compiled)."""
+    """The config `prepare` used for the MoE blocks of this graph."""
     for block in prepared_blocks(gm.graph):
         return block.experts._megamoe_plan.config
-    root = _module_being_compiled()
-    return getattr(root, "_megamoe_config", None) if root is not None else None
-
-
-def _module_being_compiled() -> torch.nn.Module | None:
-    """The nn.Module whose forward dynamo is tracing (backend calls happen inside the trace)."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:
-        return None
-    if tx is None:
-        return None
-    for value in tx.f_locals.values():
-        if isinstance(value, torch.nn.Module) and hf.find_moe_blocks(value):
-            return value
     return None
+
+
+def compile(model: torch.nn.Module, config: MegaMoEConfig | None = None, **compile_kwargs: Any):
+    """`prepare(model, config)`, then `torch.compile(model, backend=backend(config), **compile_kwargs)`.
+
+    The one call that does both: load-time work first (plans, kernel-ready weights), then the
+    compiled model, whose MoE layers the backend fuses on first call.
+    """
+    if "backend" in compile_kwargs:
+        raise ValueError("megamoe.compile: the backend is megamoe's; pass compile_kwargs other than backend")
+    prep.prepare(model, config)
+    return torch.compile(model, backend=MegaMoEBackend(config or model._megamoe_config), **compile_kwargs)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None,

@@ -63,26 +63,40 @@ class MegaMoEConfig:
         _check_choice("ep_mode", self.ep_mode, EP_MODES)
         for name in ("skip_layers", "include", "exclude"):
             value = getattr(self, name)
-            if isinstance(value, (str, int)) or not isinstance(value, Sequence):
+            # bytes and str are Sequences too, but never lists of indices or patterns.
+            if isinstance(value, (str, bytes, bytearray, int)) or not isinstance(value, (list, tuple)):
                 raise ValueError(
                     f"MegaMoEConfig.{name} must be a list or tuple, got {type(value).__name__}: {value!r}"
                 )
             object.__setattr__(self, name, tuple(value))
         for i in self.skip_layers:
-            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
-                raise ValueError(f"MegaMoEConfig.skip_layers must hold decoder-layer indices >= 0, got {i!r}")
+            if not _is_int(i) or i < 0:
+                raise ValueError(f"MegaMoEConfig.skip_layers must hold decoder-layer indices >= 0 (ints), got {i!r}")
         for p in (*self.include, *self.exclude):
             if not isinstance(p, str):
                 raise ValueError(f"MegaMoEConfig.include/exclude hold fnmatch patterns (str), got {p!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ValueError("MegaMoEConfig.filter_fn must be callable as filter_fn(module, name) -> bool")
-        if not isinstance(self.max_tokens_per_rank, int) or self.max_tokens_per_rank < 1:
+        if not _is_int(self.max_tokens_per_rank) or self.max_tokens_per_rank < 1:
             raise ValueError(
                 f"MegaMoEConfig.max_tokens_per_rank must be a positive int, got {self.max_tokens_per_rank!r}"
             )
+        for name in ("release_original_weights", "ep_check_calls"):
+            # Strict: "false", None, 0 or 2 read as a bool would silently pick a side; the first
+            # of these frees weights for good.
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MegaMoEConfig.{name} must be True or False, got "
+                                 f"{type(getattr(self, name)).__name__}: {getattr(self, name)!r}")
         if self.ep_mode == "none" and (self.ep_group is not None or self.ep_check_calls):
             raise ValueError("MegaMoEConfig.ep_group/ep_check_calls are set but ep_mode is 'none'; "
                              "choose 'local_batch' or 'shared_batch'")
+
+    def check_layers_exist(self, layer_indices: Sequence[int]) -> None:
+        """`skip_layers` must name decoder layers that hold a MoE block (prepare calls this)."""
+        missing = sorted(set(self.skip_layers) - set(layer_indices))
+        if missing:
+            raise ValueError(f"MegaMoEConfig.skip_layers names layers {missing} that have no MoE block in this "
+                             f"model (its MoE layers: {sorted(set(layer_indices))})")
 
     # -- layer selection -------------------------------------------------------------------
     def selects(self, module: torch.nn.Module, name: str, layer_index: int | None) -> tuple[bool, str]:
@@ -114,6 +128,10 @@ class MegaMoEConfig:
         return {k: options.pop(k) for k in list(options) if k in ours}, options
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"MegaMoEConfig.{name} must be one of {list(allowed)}, got {value!r}")

@@ -1,13 +1,23 @@
-"""The experts implementation `prepare` installs where a fused layer's eager forward must run the op.
+"""The experts implementation "megamoe" that `prepare` gives every layer it plans to fuse.
 
-Two cases: with `MegaMoEConfig(release_original_weights=True)` only the kernel-ready copy of the
-expert weights remains; with experts that transformers' expert parallelism sharded, its dispatch
-(local ids, masking, all-reduce) is replaced by the op over the same ranks. The layer's experts
-then run through transformers' own `ExpertsInterface` under the name "megamoe", which calls the
-fused op. dynamo traces that call as it is; the pass recognises it as already fused.
+transformers' experts modules pick their forward by name through `ExpertsInterface`
+(`config._experts_implementation`); prepare gives each fused layer's experts their own config
+naming "megamoe", which runs:
+
+* in eager mode, the layer's own implementation, unchanged (the model computes what it did);
+* while dynamo traces it, `megamoe.prepared_weights(...)` on the layer's kernel-ready weights,
+  then the traceable implementation the pass recognises. dynamo thereby reads the kernel-ready
+  tensors as this module's state (graph inputs, guarded like buffers: a second model of the same
+  architecture runs the same graph on its own tensors) and guards on the string that names the
+  implementation and on the plan's constants, so a re-planned layer recompiles;
+* where prepare set the original weights aside (`release_original_weights=True`, or experts
+  sharded by transformers' expert parallelism, whose dispatch the op replaces), the fused op
+  itself, eager and compiled; the pass then finds the op already in the graph.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -17,18 +27,57 @@ IMPLEMENTATION = "megamoe"
 def megamoe_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     plan = self._megamoe_plan
-    # Scales are absent for recipe "none" (weights as the model holds them).
-    w1, w1_scale, w2, w2_scale = (getattr(self, "megamoe_" + k, None) for k in ("w1", "w1_scale", "w2", "w2_scale"))
-    # The router already applied routed_scaling_factor to these weights.
-    return torch.ops.megamoe.fused_moe(
-        hidden_states, top_k_index.to(torch.int32), top_k_weights.to(torch.float32),
-        w1, w1_scale, w2, w2_scale, kernel=plan.kernel, recipe=plan.recipe,
-        routed_scaling_factor=1.0, swiglu_limit=plan.spec.swiglu_limit,
-        group_name=plan.group_name, shared_batch=plan.shared_batch,
-    )
+    if plan.eager_fused:
+        w1, w1_scale, w2, w2_scale = kernel_ready(self)
+        # The router already applied routed_scaling_factor to these weights.
+        return torch.ops.megamoe.fused_moe(
+            hidden_states, top_k_index.to(torch.int32), top_k_weights.to(torch.float32),
+            w1, w1_scale, w2, w2_scale, kernel=plan.kernel, recipe=plan.recipe,
+            routed_scaling_factor=1.0, swiglu_limit=getattr(self, "limit", None),
+            group_name=plan.group_name, shared_batch=plan.shared_batch,
+        )
+    if torch.compiler.is_compiling():
+        w1, w1_scale, w2, w2_scale = kernel_ready(self)
+        torch.ops.megamoe.prepared_weights(w1, w1_scale, w2, w2_scale, plan.kernel, plan.recipe,
+                                           plan.group_name, plan.shared_batch, plan.generation)
+        implementation = plan.spec.traced_base
+    else:
+        implementation = plan.spec.experts_implementation
+    return _implementation(self, implementation)(self, hidden_states, top_k_index, top_k_weights)
+
+
+def kernel_ready(experts: torch.nn.Module):
+    """(w1, w1_scale, w2, w2_scale) the fused op takes for `experts`: prepare's kernel-ready
+    buffers, or the module's own weights where the recipe keeps them as they are."""
+    w1 = getattr(experts, "megamoe_w1", None)
+    if w1 is None:
+        return experts.gate_up_proj, None, experts.down_proj, None
+    return w1, getattr(experts, "megamoe_w1_scale", None), experts.megamoe_w2, getattr(experts, "megamoe_w2_scale", None)
+
+
+def _implementation(experts: torch.nn.Module, name: str | None):
+    if name in (None, "eager"):
+        # The class's own forward, under every `use_experts_implementation` wrapper.
+        return inspect.unwrap(type(experts).forward)
+    return _interface(experts)[name]
+
+
+def _interface(experts: torch.nn.Module):
+    from . import hf
+
+    if hf.is_fp8_experts(experts):
+        return hf.fp8_integration().ALL_FP8_EXPERTS_FUNCTIONS
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ALL_EXPERTS_FUNCTIONS
 
 
 def register() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
+    from . import hf
+
     ExpertsInterface.register(IMPLEMENTATION, megamoe_experts_forward)
+    fp8 = hf.fp8_integration()
+    if fp8 is not None and hasattr(fp8, "FP8ExpertsInterface"):
+        fp8.FP8ExpertsInterface.register(IMPLEMENTATION, megamoe_experts_forward)

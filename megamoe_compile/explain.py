@@ -58,6 +58,10 @@ class MoEReport:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = [f"MegaMoE: {len(self.fused)} of {len(self.layers)} MoE layers fused, "
                  f"{len(self.graphs)} graph(s) compiled"]
+        if not self.layers:
+            from .hf import RECOGNISED_FAMILIES
+
+            lines.append(f"no MoE layer of this model is one megamoe-compile recognises ({RECOGNISED_FAMILIES})")
         for j, row in enumerate(rows):
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
             if j == 0:

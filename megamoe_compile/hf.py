@@ -12,7 +12,34 @@ from dataclasses import dataclass
 
 import torch
 
-TESTED_TRANSFORMERS = ">=5.23,<5.24"
+# The transformers releases whose MoE code the tests verify: (first, last) minor versions, inclusive.
+TESTED_TRANSFORMERS = ((5, 23), (5, 24))
+
+
+def transformers_version() -> tuple[int, int] | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    found = re.match(r"(\d+)\.(\d+)", transformers.__version__)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def tested_range_text() -> str:
+    (a, b), (c, d) = TESTED_TRANSFORMERS
+    return f"{a}.{b}" if (a, b) == (c, d) else f"{a}.{b}-{c}.{d}"
+
+
+def untested_transformers() -> str:
+    """"" for a tested transformers release; else a sentence naming the installed and tested ones."""
+    version = transformers_version()
+    if version is None or TESTED_TRANSFORMERS[0] <= version <= TESTED_TRANSFORMERS[1]:
+        return ""
+    import transformers
+
+    return (f"transformers {transformers.__version__} is not a release megamoe-compile was tested with "
+            f"({tested_range_text()}); MoE layers whose traced code differs from the tested releases' are "
+            "reported 'not recognised' and left unfused, never rewritten")
 # Experts implementations whose traced code the pass recognises. "eager" loops in Python over
 # the experts that were hit, which breaks dynamo's graph; prepare traces those layers through
 # "grouped_mm", which computes the same function (see `traced_implementation`).
@@ -26,6 +53,8 @@ FP8_TRACEABLE_IMPLEMENTATIONS = ("grouped_mm",)
 FP8_BLOCK = (128, 128)
 MXFP4_GROUP = 32
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+# Said when a model has no MoE layer we recognise.
+RECOGNISED_FAMILIES = "recognised: DeepSeek-V4 (DeepseekV4SparseMoeBlock, dense or FP8Experts experts)"
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -86,11 +115,15 @@ class MoESpec:
     ep_ranks: tuple[int, ...] = ()
 
     @property
-    def traced_implementation(self) -> str:
+    def traced_base(self) -> str:
+        """The experts implementation dynamo traces ("eager" loops in Python: traced through grouped_mm)."""
         impl = self.experts_implementation
-        base = "grouped_mm" if impl in (None, "eager") else impl
+        return "grouped_mm" if impl in (None, "eager") else impl
+
+    @property
+    def traced_implementation(self) -> str:
         # FP8Experts' forwards call transformers' finegrained-fp8 kernels: other traced code.
-        return "fp8_" + base if self.experts_class == FP8_EXPERTS_CLASS else base
+        return "fp8_" + self.traced_base if self.experts_class == FP8_EXPERTS_CLASS else self.traced_base
 
 
 def find_moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

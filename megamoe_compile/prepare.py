@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 import weakref
 import zlib
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import hf
 from .config import MegaMoEConfig
-from .ops import layouts
+from . import experts as megamoe_experts
+from .ops import layouts, recipes
+from .ops.fused_moe import register_source_check
 
 log = logging.getLogger("megamoe_compile")
 
@@ -29,6 +32,17 @@ _BUFFER_PREFIX = "megamoe_"
 # gate_up_proj parameter -> weakref to its MoE block, for the pass: dynamo hands the backend the
 # parameters as graph inputs, not the modules that own them.
 _BLOCK_BY_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+# str(id(module)) -> module, for the MoE blocks prepare planned and their gate and experts: dynamo
+# keys a node's `nn_module_stack` by that string. Weak values: a freed model leaves no entry (and
+# so no id reused by another module can match).
+_PREPARED_PARTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def is_prepared_part(module_key: str) -> bool:
+    """Whether an `nn_module_stack` key names a prepared MoE block, its router or its experts."""
+    return _PREPARED_PARTS.get(module_key) is not None
 
 
 class UnsupportedLayerError(ValueError):
@@ -60,6 +74,13 @@ class LayerPlan:
     shared_batch: bool = False
     config: MegaMoEConfig | None = field(default=None, repr=False)
     fingerprint: tuple = ()
+    # What the kernel-ready copy was built from: (data_ptr, version, dtype, device, shape) of each
+    # source tensor; () when the kernel reads the model's own tensors (nothing can go stale).
+    source_stamp: tuple = field(default=(), repr=False)
+    # A compile found this layer's copy stale (and so traced it unfused); the rebuilt plan gets the
+    # next generation, which the traced marker carries, so that graph is not reused.
+    stale_seen: bool = field(default=False, repr=False)
+    generation: str = "0"
 
 
 def prepare(model: torch.nn.Module, config: MegaMoEConfig | None = None) -> torch.nn.Module:
@@ -68,8 +89,20 @@ def prepare(model: torch.nn.Module, config: MegaMoEConfig | None = None) -> torc
     Idempotent: a second call with an equal config on an unchanged model does nothing; with
     another config it re-plans. Returns `model`.
     """
-    config = config or MegaMoEConfig()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"megamoe.prepare: model must be a torch.nn.Module, got {type(model).__name__}")
+    config = MegaMoEConfig() if config is None else config
+    if not isinstance(config, MegaMoEConfig):
+        raise TypeError(f"megamoe.prepare: config must be a MegaMoEConfig, got {type(config).__name__} "
+                        "(e.g. mc.MegaMoEConfig(**fields))")
+    untested = hf.untested_transformers()
+    if untested:
+        warnings.warn(f"megamoe: {untested}", stacklevel=2)
     blocks = hf.find_moe_blocks(model)
+    if not blocks:
+        warnings.warn(f"megamoe.prepare: {type(model).__name__} has no MoE layer this version recognises "
+                      f"({hf.RECOGNISED_FAMILIES}); nothing is prepared or fused", stacklevel=2)
+    config.check_layers_exist([i for name, _ in blocks if (i := hf.layer_index(name)) is not None])
     ep = ExpertParallel.from_config(config)
     start, shown = time.perf_counter(), False
     for i, (name, block) in enumerate(blocks):
@@ -169,14 +202,12 @@ def block_for_weight(weight: torch.Tensor) -> torch.nn.Module | None:
 
 
 def kernel_weights(experts: torch.nn.Module) -> layouts.KernelWeights:
-    """The weights `prepare` built for `experts` (the originals where the recipe keeps them)."""
-    def get(key):
-        return getattr(experts, _BUFFER_PREFIX + key, None)
-
-    w1, w2 = get("w1"), get("w2")
-    if w1 is None:  # recipe "none": the kernel reads the model's own weights
-        return layouts.KernelWeights(experts.gate_up_proj, None, experts.down_proj, None)
-    return layouts.KernelWeights(w1, get("w1_scale"), w2, get("w2_scale"))
+    """The weights `prepare` built for `experts`, in the recipe's dtypes (the originals where the
+    recipe keeps them)."""
+    w1, s1, w2, s2 = megamoe_experts.kernel_ready(experts)
+    r = recipes.recipe(experts._megamoe_plan.recipe)
+    return layouts.KernelWeights(recipes.as_storage(w1, r.weight_dtype), recipes.as_storage(s1, r.scale_dtype),
+                                 recipes.as_storage(w2, r.weight_dtype), recipes.as_storage(s2, r.scale_dtype))
 
 
 # -- planning ---------------------------------------------------------------------------------
@@ -230,16 +261,23 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
                         raise UnsupportedLayerError(f"{name}: {e}") from e
                     plan.fuse, plan.kernel, plan.recipe = False, None, None
                     plan.reason, plan.prepared_bytes = str(e), 0
+                if plan.fuse:
+                    _use_megamoe_implementation(experts)
                 if plan.fuse and spec.expert_parallel:
                     _replace_transformers_ep_forward(block, plan)
                 elif plan.fuse and spec.experts_implementation in (None, "eager"):
-                    _trace_through_grouped_mm(experts)
                     plan.notes.append(
                         "experts_implementation 'eager' loops in Python (a graph break); this layer "
                         "is traced through 'grouped_mm', which computes the same function"
                     )
     plan.fingerprint, plan.config = fingerprint, config
+    if old is not None:
+        plan.generation = str(int(old.generation) + 1) if old.stale_seen else old.generation
     experts._megamoe_plan = plan
+    experts._megamoe_block = weakref.ref(block)
+    for part in (block, block.gate, experts):
+        _PREPARED_PARTS[str(id(part))] = part
+    _install_hooks(experts)
     _BLOCK_BY_WEIGHT[experts.gate_up_proj] = weakref.ref(block)
     if plan.fuse and config.release_original_weights and plan.recipe != "none":
         if spec.experts_class != "DeepseekV4Experts":
@@ -354,7 +392,14 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
         return
     for key, tensor in weights.tensors().items():
         if tensor is not None:
-            experts.register_buffer(_BUFFER_PREFIX + key, tensor, persistent=False)
+            # Quantized copies are kept as integer bits, so `model.to(dtype)` leaves them as they
+            # are (recipe "none" keeps the model's dtype and is cast along with it).
+            stored = tensor if plan.recipe == "none" else recipes.to_bits(tensor)
+            experts.register_buffer(_BUFFER_PREFIX + key, stored, persistent=False)
+    plan.source_stamp = _source_stamp(experts, spec)
+    experts_ref = weakref.ref(experts)
+    register_source_check(getattr(experts, _BUFFER_PREFIX + "w1"),
+                          lambda: stale_reason(experts_ref()) if experts_ref() is not None else "")
     # Count only new memory: views of the model's own tensors (a checkpoint already in the
     # recipe's format, this rank's slice of the experts) cost nothing extra.
     own = {hf.local_tensor(p).untyped_storage().data_ptr() for p in experts.parameters()}
@@ -363,36 +408,96 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
                               if t is not None and t.untyped_storage().data_ptr() not in own)
 
 
-def _trace_through_grouped_mm(experts: torch.nn.Module) -> None:
-    # The experts' forward picks its implementation from `self.config`, shared by the whole
-    # model: give this module its own copy so other (skipped) layers keep theirs.
+def _use_megamoe_implementation(experts: torch.nn.Module) -> None:
+    """Give the experts the "megamoe" implementation (megamoe_compile/experts.py).
+
+    The experts' forward picks its implementation from `self.config`, shared by the whole model:
+    this module gets its own copy, so other (skipped) layers keep theirs."""
     import copy
 
+    megamoe_experts.register()
     if getattr(experts, "_megamoe_original_config", None) is None:
         experts._megamoe_original_config = experts.config
     cfg = copy.copy(experts._megamoe_original_config)
-    cfg._experts_implementation = "grouped_mm"
+    cfg._experts_implementation = megamoe_experts.IMPLEMENTATION
     experts.config = cfg
 
 
 def _run_fused_op_in_forward(block: torch.nn.Module, plan: LayerPlan) -> None:
     """Make the experts' own forward (eager, and so what dynamo traces) the fused op on the
-    kernel-ready weights, through transformers' experts interface under the name "megamoe"."""
-    from . import experts as megamoe_experts
-
+    kernel-ready weights."""
     experts = block.experts
-    megamoe_experts.register()
-    _trace_through_grouped_mm(experts)
-    experts.config._experts_implementation = megamoe_experts.IMPLEMENTATION
     # dynamo sees the prepared weights as the layer's inputs: find the block through them.
     _BLOCK_BY_WEIGHT[experts.megamoe_w1] = weakref.ref(block)
     plan.eager_fused = True
+
+
+def _source_tensors(experts: torch.nn.Module, spec: hf.MoESpec) -> list[torch.Tensor]:
+    tensors = [experts.gate_up_proj, experts.down_proj]
+    if spec.weight_format != "dense":
+        tensors += [s for s in hf.fp8_expert_scales(experts) if isinstance(s, torch.Tensor)]
+    return [hf.local_tensor(t) for t in tensors]
+
+
+def _source_stamp(experts: torch.nn.Module, spec: hf.MoESpec) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in _source_tensors(experts, spec))
+
+
+def stale_reason(experts: torch.nn.Module) -> str:
+    """Why the kernel-ready copy of `experts` no longer matches the weights it was built from
+    ("" when it does, or when there is no copy)."""
+    plan = getattr(experts, "_megamoe_plan", None)
+    if plan is None or not plan.fuse or plan.released or not plan.source_stamp:
+        return ""
+    if _source_stamp(experts, plan.spec) == plan.source_stamp:
+        return ""
+    return (f"{plan.name}: its expert weights changed after prepare (modified in place, replaced, cast or "
+            "moved), so its kernel-ready copy is stale; call mc.prepare(model, config) again to rebuild it "
+            "(load_state_dict rebuilds it by itself)")
+
+
+def _install_hooks(experts: torch.nn.Module) -> None:
+    """Once per experts module: rebuild the kernel-ready copy after `load_state_dict` (load time,
+    not per call), and refuse to save or load a layer whose original weights were released."""
+    if getattr(experts, "_megamoe_hooks", None):
+        return
+    experts._megamoe_hooks = [
+        experts.register_load_state_dict_pre_hook(_refuse_load_into_released),
+        experts.register_load_state_dict_post_hook(_rebuild_after_load),
+        experts.register_state_dict_post_hook(_refuse_save_released),
+    ]
+
+
+def _released_message(experts: torch.nn.Module, what: str) -> str:
+    return (f"megamoe: {experts._megamoe_plan.name}: cannot {what}: prepare released its original expert weights "
+            "(MegaMoEConfig(release_original_weights=True)); only the kernel-ready copy is held. Reload the model "
+            "from its checkpoint (and prepare it without release_original_weights) to save or load weights.")
+
+
+def _refuse_save_released(module, state_dict, prefix, local_metadata) -> None:
+    if getattr(module, "_megamoe_released", False):
+        raise RuntimeError(_released_message(module, "save its weights (state_dict / save_pretrained)"))
+
+
+def _refuse_load_into_released(module, state_dict, prefix, *args) -> None:
+    if getattr(module, "_megamoe_released", False) and any(k.startswith(prefix) for k in state_dict):
+        raise RuntimeError(_released_message(module, "load weights into it (load_state_dict)"))
+
+
+def _rebuild_after_load(module, incompatible_keys) -> None:
+    plan = getattr(module, "_megamoe_plan", None)
+    block = getattr(module, "_megamoe_block", lambda: None)()
+    if plan is None or block is None or plan.released or not stale_reason(module):
+        return
+    log.info("megamoe: %s: weights loaded after prepare; rebuilding its kernel-ready copy", plan.name)
+    _plan_layer(plan.name, block, plan.config, ExpertParallel.from_config(plan.config))
 
 
 def _release_original_weights(block: torch.nn.Module, plan: LayerPlan) -> None:
     """Keep only the kernel-ready weights; the layer's eager forward then runs the fused op."""
     experts = block.experts
     _run_fused_op_in_forward(block, plan)
+    plan.source_stamp = ()
     for name in ("gate_up_proj", "down_proj"):
         old = hf.local_tensor(getattr(experts, name))
         setattr(experts, name, torch.nn.Parameter(old.new_empty(0), requires_grad=False))
@@ -435,6 +540,8 @@ def _nbytes(module: torch.nn.Module) -> int:
 
 
 def _fingerprint(config: MegaMoEConfig, block: torch.nn.Module) -> tuple:
-    w = hf.local_tensor(block.experts.gate_up_proj)
-    return (config.plan_key(), w.device, w.dtype, w.data_ptr(),
-            hf.experts_implementation(block.experts))
+    experts = block.experts
+    sources = [hf.local_tensor(experts.gate_up_proj), hf.local_tensor(experts.down_proj),
+               *(hf.local_tensor(t) for t in hf.fp8_expert_scales(experts) if isinstance(t, torch.Tensor))]
+    return (config.plan_key(), hf.experts_implementation(experts),
+            tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in sources))

@@ -90,7 +90,10 @@ def eager_backend(**fields) -> mc.MegaMoEBackend:
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    import importlib
+
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    importlib.import_module("megamoe_compile.backend")._WARNED.clear()  # one-time warnings, once per test
     yield
     torch._dynamo.reset()

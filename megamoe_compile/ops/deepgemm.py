@@ -79,15 +79,52 @@ _FUNCTIONS: dict[str, dict[str, tuple[str, ...]]] = {
 
 # -- the installed deep_gemm ------------------------------------------------------------------
 
+_INSTALL = ('install it with `pip install "sgl-deep-gemm>=0.2"` for torch >= 2.13 or `pip install '
+            '"sgl-deep-gemm>=0.1.4.post1,<0.1.6"` for torch 2.11 (from a clone of megamoe-compile: '
+            '`pip install -e ".[deepgemm]"` or `-e ".[deepgemm-torch211]"`)')
+
+
+def release_problem(torch_version: str, sgl_version: str | None) -> str:
+    """Why this sgl-deep-gemm release cannot load on this torch ("" when the pair fits or is
+    unknown to us). Its host glue is built against one torch's C++ ABI (notes: 0.1.4.post1-0.1.5 on
+    torch 2.11; 0.1.6 and later against torch >= 2.13 headers)."""
+    import re
+
+    t = re.match(r"(\d+)\.(\d+)", torch_version)
+    g = re.match(r"(\d+)\.(\d+)\.(\d+)", sgl_version or "")
+    if t is None or g is None:
+        return ""
+    torch_minor, release = (int(t.group(1)), int(t.group(2))), tuple(int(x) for x in g.groups())
+    if torch_minor == (2, 11) and release >= (0, 1, 6):
+        return (f"sgl-deep-gemm {sgl_version} is built for torch >= 2.13 and cannot load on torch {torch_version}; "
+                'install `pip install "sgl-deep-gemm>=0.1.4.post1,<0.1.6"` (from a clone: '
+                '`pip install -e ".[deepgemm-torch211]"`)')
+    if torch_minor >= (2, 13) and release < (0, 1, 6):
+        return (f"sgl-deep-gemm {sgl_version} is built for torch 2.11 and cannot load on torch {torch_version}; "
+                'install `pip install "sgl-deep-gemm>=0.2"` (from a clone: `pip install -e ".[deepgemm]"`)')
+    return ""
+
+
+def _sgl_version() -> str | None:
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("sgl-deep-gemm")
+    except Exception:
+        return None
+
+
 @functools.cache
 def _deep_gemm():
     """(module, "") or (None, reason) for the installed deep_gemm."""
+    mismatch = release_problem(torch.__version__, _sgl_version())
+    if mismatch:
+        return None, mismatch
     try:
         import deep_gemm
     except Exception as e:  # ImportError, or a host-glue ABI mismatch surfacing as OSError/RuntimeError
         return None, (f"deep_gemm ({_installed_version()}) is not importable ({type(e).__name__}: {e}); "
-                      f"install the extra 'megamoe-compile[deepgemm]' with the sgl-deep-gemm release built "
-                      f"for torch {torch.__version__.split('+')[0]} ({_TORCH_MATCH})")
+                      f"{_INSTALL}")
     return deep_gemm, ""
 
 
@@ -588,7 +625,7 @@ def _run(kernel: str, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
     return y
 
 
-@register_kernel(SM90)
+@register_kernel(SM90, recipes=RECIPES[SM90])
 def deepgemm_sm90(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
                   recipe, routed_scaling_factor, swiglu_limit, group_name):
     """Hopper: pre-dispatch (FP8 1x128 activations, routed scaling folded) + `fp8_mega_moe`."""
@@ -596,7 +633,7 @@ def deepgemm_sm90(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
                 routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit, group_name=group_name)
 
 
-@register_kernel(SM100)
+@register_kernel(SM100, recipes=RECIPES[SM100])
 def deepgemm_sm100(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
                    recipe, routed_scaling_factor, swiglu_limit, group_name):
     """Blackwell: pre-dispatch (FP8, or with recipe "fp4_fp4" MXFP4, 1x32 UE8M0 activations) +

@@ -8,20 +8,28 @@ weights for that kernel (their layout depends on it). Kernels register themselve
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
+
+from . import recipes
 
 # name -> implementation(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *, recipe,
 #                        routed_scaling_factor, swiglu_limit, group_name) -> Tensor
 _KERNELS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
-def register_kernel(name: str):
-    """Decorator: make `fn` the implementation behind ``fused_moe(..., kernel=name)``."""
+# name -> the recipes that kernel runs
+_KERNEL_RECIPES: dict[str, tuple[str, ...]] = {}
+
+
+def register_kernel(name: str, recipes: tuple[str, ...]):
+    """Decorator: make `fn` the implementation behind ``fused_moe(..., kernel=name)`` for `recipes`."""
 
     def wrap(fn):
         _KERNELS[name] = fn
+        _KERNEL_RECIPES[name] = tuple(recipes)
         return fn
 
     return wrap
@@ -60,13 +68,10 @@ def fused_moe(
     every rank must make the same calls. With `shared_batch` all ranks hold the same tokens: each
     computes an even slice of them and the slices are gathered, so every rank gets all rows.
     """
-    _check_common(x, topk_idx, topk_weights)
-    try:
-        impl = _KERNELS[kernel]
-    except KeyError:
-        raise ValueError(
-            f"megamoe.fused_moe: unknown kernel {kernel!r}; registered: {sorted(_KERNELS)}"
-        ) from None
+    w1, w1_scale, w2, w2_scale = check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale,
+                                                 kernel, recipe)
+    impl = _KERNELS[kernel]
+    _check_fresh(w1)
 
     if group_name and group_name in _STEP_CHECKS:
         _check_in_step(group_name, w1, x.device)
@@ -155,8 +160,119 @@ def resolve_group(group_name: str):
 @fused_moe.register_fake
 def _(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel, recipe,
       routed_scaling_factor, swiglu_limit, group_name="", shared_batch=False):
-    _check_common(x, topk_idx, topk_weights)
+    check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel, recipe)
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("megamoe::prepared_weights", mutates_args=())
+def prepared_weights(w1: torch.Tensor, w1_scale: torch.Tensor | None, w2: torch.Tensor,
+                     w2_scale: torch.Tensor | None, kernel: str, recipe: str, group_name: str,
+                     shared_batch: bool, generation: str) -> None:
+    """Marks, in a traced graph, the kernel-ready weights and op constants of one prepared layer.
+
+    A prepared layer's experts call this (only while being compiled) before their unfused code,
+    so that dynamo reads the kernel-ready tensors the way it reads parameters and buffers: as
+    graph inputs of *this* model, guarded like any module state; the string and bool arguments
+    are guarded too, so a re-planned layer recompiles (`generation` changes when prepare rebuilds a
+    layer that a compile found stale, so that graph is not reused). The pass takes the weights and
+    constants from here and removes the call; under another backend it does nothing.
+    """
+    return None
+
+
+@prepared_weights.register_fake
+def _(w1, w1_scale, w2, w2_scale, kernel, recipe, group_name, shared_batch, generation):
+    return None
+
+
+# Kernel-ready w1 storage -> (weakref to that tensor, check): prepare registers, for each layer
+# whose kernel-ready weights are a copy of the model's, a check that says why that copy no longer
+# matches its source (weights changed in place or replaced since prepare), or "".
+_SOURCE_CHECKS: dict[int, tuple[weakref.ref, Callable[[], str]]] = {}
+
+
+def register_source_check(w1: torch.Tensor, check: Callable[[], str]) -> None:
+    _SOURCE_CHECKS[w1.untyped_storage().data_ptr()] = (weakref.ref(w1), check)
+
+
+def _check_fresh(w1: torch.Tensor) -> None:
+    """Refuse to compute with a kernel-ready copy whose source weights changed since prepare.
+
+    Runs on every call that runs Python (not in CUDA-graph replays): one dict lookup and a few
+    attribute reads."""
+    if not _SOURCE_CHECKS:
+        return
+    ptr = w1.untyped_storage().data_ptr()
+    entry = _SOURCE_CHECKS.get(ptr)
+    if entry is None:
+        return
+    ref, check = entry
+    owner = ref()
+    if owner is None or owner.untyped_storage().data_ptr() != ptr:
+        del _SOURCE_CHECKS[ptr]
+        return
+    why = check()
+    if why:
+        raise RuntimeError(why)
+
+
+def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel: str, recipe: str):
+    """Every argument against the documented shapes and the recipe's storage (the real and the
+    fake implementation both call this). Returns the weights viewed in the recipe's dtypes (the
+    kernel-ready copies are kept as integer bits, see `recipes`)."""
+    if kernel not in _KERNELS:
+        raise ValueError(f"megamoe.fused_moe: unknown kernel {kernel!r}; registered: {sorted(_KERNELS)}")
+    r = recipes.recipe(recipe)
+    if recipe not in _KERNEL_RECIPES[kernel]:
+        raise ValueError(f"megamoe.fused_moe: kernel {kernel} takes recipes {list(_KERNEL_RECIPES[kernel])}, "
+                         f"got {recipe!r}")
+    _check_common(x, topk_idx, topk_weights)
+    for name, w in (("w1", w1), ("w2", w2)):
+        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+            raise ValueError(f"megamoe.fused_moe: {name} must be a 3-D tensor [experts, N, K], got "
+                             f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    w1, w2 = recipes.as_storage(w1, r.weight_dtype), recipes.as_storage(w2, r.weight_dtype)
+    w1_scale, w2_scale = recipes.as_storage(w1_scale, r.scale_dtype), recipes.as_storage(w2_scale, r.scale_dtype)
+    hidden = x.shape[1]
+    torch._check(w1.shape[0] == w2.shape[0], lambda: f"megamoe.fused_moe: w1 holds {w1.shape[0]} experts, "
+                 f"w2 {w2.shape[0]}")
+    intermediate = w1.shape[1] // 2
+    per_byte = r.values_per_byte
+    torch._check(w1.shape[1] % 2 == 0 and w1.shape[2] * per_byte == hidden, lambda: (
+        f"megamoe.fused_moe: w1 {tuple(w1.shape)} must be [experts, 2 * intermediate, hidden"
+        f"{' / 2' if per_byte == 2 else ''}] for hidden {hidden} (recipe {recipe!r})"))
+    torch._check(w2.shape[1] == hidden and w2.shape[2] * per_byte == intermediate, lambda: (
+        f"megamoe.fused_moe: w2 {tuple(w2.shape)} must be [experts, hidden {hidden}, intermediate "
+        f"{intermediate}{' / 2' if per_byte == 2 else ''}] (recipe {recipe!r})"))
+    if r.weight_dtype is None:
+        for name, w in (("w1", w1), ("w2", w2)):
+            if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"megamoe.fused_moe: recipe 'none' takes float32/bfloat16/float16 {name}, got {w.dtype}")
+        if w1.dtype != w2.dtype:
+            raise ValueError(f"megamoe.fused_moe: w1 is {w1.dtype} but w2 is {w2.dtype}")
+        if w1_scale is not None or w2_scale is not None:
+            raise ValueError("megamoe.fused_moe: recipe 'none' takes no weight scales (w1_scale/w2_scale must be None)")
+        return w1, w1_scale, w2, w2_scale
+    for name, w in (("w1", w1), ("w2", w2)):
+        if w.dtype != r.weight_dtype and not (r.weight_dtype == torch.int8 and w.dtype == torch.uint8):
+            raise ValueError(f"megamoe.fused_moe: recipe {recipe!r} stores {name} as {r.weight_dtype}, got {w.dtype}")
+    for name, s, w in (("w1_scale", w1_scale, w1), ("w2_scale", w2_scale, w2)):
+        if not isinstance(s, torch.Tensor):
+            raise ValueError(f"megamoe.fused_moe: recipe {recipe!r} needs {name}")
+        torch._check(s.dim() >= 1 and s.shape[0] == w.shape[0], lambda: (
+            f"megamoe.fused_moe: {name} {tuple(s.shape)} must lead with the {w.shape[0]} experts"))
+        if kernel in ("reference", "deepgemm_sm90"):  # the plain scale grid (SM90 keeps it as it is)
+            rows, cols = r.scale_block
+            grid = (w.shape[0], w.shape[1] // rows, w.shape[2] * per_byte // cols)
+            if r.scale_dtype == torch.uint8 and s.dtype not in (torch.uint8, torch.int8) and \
+                    s.dtype != getattr(torch, "float8_e8m0fnu", None):
+                raise ValueError(f"megamoe.fused_moe: recipe {recipe!r} takes UE8M0 {name} (uint8), got {s.dtype}")
+            if r.scale_dtype == torch.float32 and s.dtype != torch.float32:
+                raise ValueError(f"megamoe.fused_moe: recipe {recipe!r} takes float32 {name}, got {s.dtype}")
+            torch._check(s.dim() == 3 and tuple(s.shape) == grid, lambda: (
+                f"megamoe.fused_moe: {name} {tuple(s.shape)} must be {grid}: one scale per "
+                f"{rows}x{cols} block of {tuple(w.shape)} (recipe {recipe!r})"))
+    return w1, w1_scale, w2, w2_scale
 
 
 def _check_common(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:

@@ -41,7 +41,7 @@ def _activations(x: torch.Tensor, recipe: str, gemm: int) -> torch.Tensor:
     return quant.fake_quantize_fp8_groups(x.float(), group, power_of_two_scale=pow2)
 
 
-@register_kernel("reference")
+@register_kernel("reference", recipes=("none", "fp8", "fp8_fp4", "fp4_fp4"))
 def reference_fused_moe(
     x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
     recipe, routed_scaling_factor, swiglu_limit, group_name,

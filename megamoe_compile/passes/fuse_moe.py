@@ -41,17 +41,29 @@ class LayerFusion:
     notes: list[str] = field(default_factory=list)
     # nn_module_stack key of the MoE block, to find its nodes in the graph (`CompiledGraph.layer_code`).
     module_key: str = field(default="", repr=False)
+    # Left unfused for a reason the user must act on (the backend warns once): stale weights.
+    needs_attention: bool = field(default=False, repr=False)
 
 
 class NoMatch(Exception):
     pass
 
 
+class PatternMismatch(NoMatch):
+    """The traced code is not the sequence of operations the patterns write down."""
+
+
 def fuse_moe_layers(gm: fx.GraphModule) -> list[LayerFusion]:
-    """Rewrite `gm` in place; one LayerFusion per MoE layer the graph holds (fused or not)."""
+    """Rewrite `gm` in place; one LayerFusion per MoE layer the graph holds (fused or not).
+
+    Every `megamoe.prepared_weights` marker is removed, fused or not: a layer left unfused is
+    exactly the code transformers traced."""
     graph = gm.graph
     results = [_fuse_one(gm, block, str(id(block.experts))) for block in prepared_blocks(graph)]
-    if any(r.fused for r in results):
+    markers = [n for n in graph.nodes if _is_marker(n)]
+    for node in markers:
+        graph.erase_node(node)
+    if markers or any(r.fused for r in results):
         graph.lint()
         gm.recompile()
     return results
@@ -68,21 +80,42 @@ def prepared_blocks(graph: fx.Graph):
             yield block
 
 
-def unprepared_moe_weights(graph: fx.Graph) -> bool:
-    """Whether the graph reads DeepSeek-V4 expert weights that `prepare` has not seen."""
+def unprepared_moe_blocks(graph: fx.Graph) -> list[str]:
+    """Names of the DeepSeek-V4 MoE blocks whose code is in `graph` but that `prepare` has not
+    planned (so nothing about them can be fused), in graph order. A block met in pieces (graph
+    breaks: its router traced as a frame of its own) is named by its path within that frame."""
     m = hf.v4_classes()
     if m is None:
-        return False
+        return []
+    parts = {m.DeepseekV4HashRouter: ".gate", m.DeepseekV4TopKRouter: ".gate", m.DeepseekV4Experts: ".experts"}
+    found: dict[str, None] = {}
     for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        if any(cls is m.DeepseekV4Experts or getattr(cls, "__name__", None) in ("DeepseekV4Experts", hf.FP8_EXPERTS_CLASS)
-               for _, cls in stack.values()):
-            for arg in node.all_input_nodes:
-                t = _real_tensor(arg) if arg.op == "placeholder" else None
-                if t is not None and t.dim() == 3 and prep.block_for_weight(t) is None:
-                    if arg.name.endswith("gate_up_proj_"):
-                        return True
-    return False
+        for key, (path, cls) in (node.meta.get("nn_module_stack") or {}).items():
+            if prep.is_prepared_part(key):
+                continue
+            if cls is m.DeepseekV4SparseMoeBlock:
+                found.setdefault(_module_path(path), None)
+            elif cls in parts or getattr(cls, "__name__", "") == hf.FP8_EXPERTS_CLASS:
+                suffix = parts.get(cls, ".experts")
+                block_path = str(path)[: -len(suffix)] if str(path).endswith(suffix) else str(path)
+                found.setdefault(_module_path(block_path) or "a DeepseekV4SparseMoeBlock traced in pieces "
+                                 "(graph break)", None)
+    return list(found)
+
+
+def _module_path(path: str) -> str:
+    """dynamo's source path (e.g. "L['self'].model.layers[1].mlp") as a module name ("model.layers.1.mlp")."""
+    import re
+
+    path = re.sub(r"^L\['[^']*'\]\.?", "", str(path))
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    return path.replace("._modules.", ".").strip(".")
+
+
+def _is_marker(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.ops.megamoe.prepared_weights.default,
+                                                          torch.ops.megamoe.prepared_weights)
 
 
 # -- one layer --------------------------------------------------------------------------------
@@ -100,14 +133,23 @@ def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module, experts_key: str) -> L
             result.traced_as = "megamoe"
             _check_already_fused(gm.graph, experts_key, block, plan)
         else:
+            marker = _marker(gm.graph, experts_key, plan)
+            stale = prep.stale_reason(block.experts)
+            if stale:
+                result.needs_attention = plan.stale_seen = True
+                raise NoMatch(stale)
             match = _match(gm.graph, block, experts_key, spec)
             _check_runtime(match, spec, plan)
     except NoMatch as e:
         result.reason = str(e)
-        log.info("megamoe: %s not fused: %s", plan.name, e)
+        if hf.untested_transformers() and isinstance(e, PatternMismatch):
+            import transformers
+
+            result.reason = f"not recognised for transformers {transformers.__version__} (untested release): {e}"
+        log.info("megamoe: %s not fused: %s", plan.name, result.reason)
         return result
     if not plan.eager_fused:
-        _rewrite(gm, match, block, plan)
+        _rewrite(gm, match, marker, plan)
     result.fused, result.kernel, result.recipe = True, plan.kernel, plan.recipe
     result.notes = list(plan.notes)
     torch._dynamo.utils.counters["megamoe"]["fused_moe"] += 1
@@ -127,6 +169,25 @@ def _check_already_fused(graph: fx.Graph, experts_key: str, block, plan: prep.La
             "fused op does not use this layer's prepared weights")
 
 
+def _marker(graph: fx.Graph, experts_key: str, plan: prep.LayerPlan) -> fx.Node:
+    """The layer's `megamoe.prepared_weights` call: where its kernel-ready weights enter the graph.
+
+    Its constants were read (and guarded) by dynamo from the plan when the graph was traced; they
+    must be the current plan's, or the graph was traced for another one."""
+    markers = [n for n in _region(graph, experts_key) if _is_marker(n)]
+    if len(markers) != 1:
+        raise NoMatch("the traced experts code does not carry this layer's prepared weights "
+                      f"({len(markers)} megamoe.prepared_weights calls); call mc.prepare(model, config) "
+                      "before compiling")
+    marker = markers[0]
+    traced = tuple(marker.args[4:9])
+    planned = (plan.kernel, plan.recipe, plan.group_name, plan.shared_batch, plan.generation)
+    if traced != planned:
+        raise NoMatch(f"the graph was traced for kernel/recipe/group {traced}, the layer is now planned for "
+                      f"{planned}")
+    return marker
+
+
 @dataclass
 class _Match:
     experts: dict[str, fx.Node]
@@ -135,11 +196,16 @@ class _Match:
     hidden: fx.Node
     w1: fx.Node
     w2: fx.Node
+    swiglu_limit: object  # a float, or the graph node that holds it
 
 
 def _match(graph: fx.Graph, block, experts_key: str, spec: hf.MoESpec) -> _Match:
-    experts_region = _region(graph, experts_key)
+    experts_region = [n for n in _region(graph, experts_key) if not _is_marker(n)]
     router_region = _region(graph, str(id(block.gate)))
+    for node in _region(graph, str(id(block))):
+        if not _is_marker(node) and _has_side_effects(node):
+            raise NoMatch(f"the MoE block calls {_op_name(node)} ({node.name}), which returns no tensor and may "
+                          "change tensors in place (a hook?); the fused op could not see that change")
     if not experts_region:
         raise NoMatch("the experts' code is not in this graph (a graph break inside the MoE block?)")
     if not router_region:
@@ -158,8 +224,8 @@ def _match(graph: fx.Graph, block, experts_key: str, spec: hf.MoESpec) -> _Match
                 raise NoMatch(f"an intermediate of the experts ({node.name}) is used outside them")
 
     _check_router(ro, block, spec)
-    hidden, w1, w2 = _check_experts(ex, ro, block, spec)
-    return _Match(ex, ro, experts_region, hidden, w1, w2)
+    hidden, w1, w2, limit = _check_experts(ex, ro, block, spec)
+    return _Match(ex, ro, experts_region, hidden, w1, w2, limit)
 
 
 def _region(graph: fx.Graph, key: str) -> list[fx.Node]:
@@ -174,10 +240,10 @@ def _match_sequence(region: list[fx.Node], pattern, what: str) -> dict[str, fx.N
         allowed = (op,) if isinstance(op, str) else op
         if i >= len(names) or names[i] not in allowed:
             got = names[i] if i < len(names) else "end of region"
-            raise NoMatch(f"{what} code differs from the known pattern at op {i}: traced {got!r}, "
+            raise PatternMismatch(f"{what} code differs from the known pattern at op {i}: traced {got!r}, "
                           f"expected {'|'.join(allowed)!r}")
     if len(names) > len(pattern):
-        raise NoMatch(f"{what} code has extra ops after the known pattern: {names[len(pattern):][:4]}")
+        raise PatternMismatch(f"{what} code has extra ops after the known pattern: {names[len(pattern):][:4]}")
     return {role: node for (role, _), node in zip(pattern, ops) if role}
 
 
@@ -213,8 +279,10 @@ def _check_router(ro: dict[str, fx.Node], block, spec: hf.MoESpec) -> None:
     _expect(den.args[0] is total and norm.args == (picked, den), "weights are not divided by their sum")
     eps = _const(den.args[1])
     _expect(eps is not None and 0 <= eps <= 1e-6, "unexpected epsilon in weight normalisation")
-    _expect(scaled.args[0] is norm and _close(_const(scaled.args[1]), spec.routed_scaling_factor),
-            f"routing weights are not scaled by routed_scaling_factor={spec.routed_scaling_factor}")
+    # The multiply by routed_scaling_factor stays in the graph (the op takes the scaled weights), so
+    # whatever value it has at run time - a constant or a graph input - is the one used.
+    _expect(scaled.args[0] is norm and len(scaled.args) == 2 and _is_scalar(scaled.args[1]),
+            "routing weights are not scaled by a scalar (routed_scaling_factor)")
 
 
 def _check_experts(ex: dict[str, fx.Node], ro: dict[str, fx.Node], block, spec: hf.MoESpec):
@@ -222,6 +290,7 @@ def _check_experts(ex: dict[str, fx.Node], ro: dict[str, fx.Node], block, spec: 
     k = spec.top_k
     _expect(ex["weights_flat"].args[0] is ro["scaled"], "experts do not receive the router's weights")
     _expect(ex["ids_flat"].args[0] is ro["indices"], "experts do not receive the router's indices")
+    g_hi = None
     if spec.traced_implementation == "grouped_mm":
         hidden, offsets, _ = _check_sorted_dispatch(ex, spec)
         w1, w2 = ex["w1_t"].args[0], ex["w2_t"].args[0]
@@ -261,17 +330,19 @@ def _check_experts(ex: dict[str, fx.Node], ro: dict[str, fx.Node], block, spec: 
     chunk = ex["chunk"]
     _expect(_const(chunk.args[1]) == 2 and _dim_arg(chunk, 2, "dim", 0) in (-1, 1), "gate/up split is not chunk(2, -1)")
     _expect(ex["gate"].args == (chunk, 0) and ex["up"].args == (chunk, 1), "gate/up halves swapped")
-    limit = spec.swiglu_limit
     gc, uc = ex["gate_clamp"], ex["up_clamp"]
     _expect(gc.args[0] is ex["gate"] and uc.args[0] is ex["up"], "clamps are not on gate/up")
-    _expect(_clamp_bounds(gc) == (None, limit), f"gate clamp is not clamp(max={limit})")
-    _expect(_clamp_bounds(uc) == (None if limit is None else -limit, limit), f"up clamp is not clamp(+-{limit})")
+    (g_lo, g_hi), (u_lo, u_hi) = _clamp_args(gc), _clamp_args(uc)
+    # SwiGLU clamp: gate clamped above by the limit, up to [-limit, limit]. The limit is taken from
+    # the graph (a constant, or a graph input under dynamic shapes) and handed to the op.
+    _expect(g_lo is None and _is_scalar(g_hi) and _same_scalar(u_hi, g_hi) and _is_negation(u_lo, g_hi),
+            "clamps are not gate.clamp(max=limit), up.clamp(-limit, limit)")
     _expect(ex["silu"].args[0] is gc and set(ex["swiglu"].args) == {ex["silu"], uc}, "activation is not silu(gate) * up")
     per_slot, combine = ex["per_slot"], ex["combine"]
     _expect(_const(per_slot.args[2] if len(per_slot.args) > 2 else None) == k, "combine does not view [T, top_k, H]")
     _expect(combine.args[0] is per_slot and _dim_arg(combine, 1, "dim") == 1, "combine does not sum over top_k")
     _expect(ex["out"].args[0] is combine, "the experts' output is not the combined sum")
-    return hidden, w1, w2
+    return hidden, w1, w2, g_hi
 
 
 def _check_finegrained_grouped(ex: dict[str, fx.Node], experts, spec: hf.MoESpec):
@@ -392,7 +463,7 @@ def _check_runtime(match: _Match, spec: hf.MoESpec, plan: prep.LayerPlan) -> Non
     if hidden is None:
         raise NoMatch("hidden states have no example value")
     if torch.is_grad_enabled():  # dynamo guards on grad mode: a no_grad call recompiles and fuses
-        requires = [n for n in (match.hidden, match.w1, match.w2)
+        requires = [n for n in (match.hidden, match.w1, match.w2, match.router["scaled"])
                     if getattr(n.meta.get("example_value"), "requires_grad", False)]
         if requires:
             raise NoMatch("gradients are enabled and required; the fused op is inference-only "
@@ -405,27 +476,20 @@ def _check_runtime(match: _Match, spec: hf.MoESpec, plan: prep.LayerPlan) -> Non
 
 # -- rewrite ----------------------------------------------------------------------------------
 
-def _rewrite(gm: fx.GraphModule, match: _Match, block, plan: prep.LayerPlan) -> None:
+def _rewrite(gm: fx.GraphModule, match: _Match, marker: fx.Node, plan: prep.LayerPlan) -> None:
     graph = gm.graph
     ex, ro = match.experts, match.router
     out = ex["out"]
-    weights = prep.kernel_weights(block.experts)
+    w1, s1, w2, s2 = marker.args[:4]  # the layer's kernel-ready weights, as graph inputs
+    kernel, recipe, group_name, shared_batch = marker.args[4:8]
     with graph.inserting_before(out):
-        # recipe "none": the model's own weights. (An FP8 checkpoint's recipe "fp8" also reads the
-        # module's own gate_up_proj, but with scales: those go through the constants below.)
-        if weights.w1 is block.experts.gate_up_proj and weights.w1_scale is None:
-            w1, s1, w2, s2 = match.w1, None, match.w2, None
-        else:
-            w1, s1, w2, s2 = (_constant(gm, plan, key, t) for key, t in weights.tensors().items())
         idx = graph.call_method("to", (ro["indices"], torch.int32))
-        wts = graph.call_method("to", (ro["normalized"], torch.float32))
+        wts = graph.call_method("to", (ro["scaled"], torch.float32))
         fused = graph.call_function(
             torch.ops.megamoe.fused_moe.default,
             (match.hidden, idx, wts, w1, s1, w2, s2),
-            {"kernel": plan.kernel, "recipe": plan.recipe,
-             "routed_scaling_factor": plan.spec.routed_scaling_factor,
-             "swiglu_limit": plan.spec.swiglu_limit, "group_name": plan.group_name,
-             "shared_batch": plan.shared_batch},
+            {"kernel": kernel, "recipe": recipe, "routed_scaling_factor": 1.0,
+             "swiglu_limit": match.swiglu_limit, "group_name": group_name, "shared_batch": shared_batch},
         )
     for new in (idx, wts, fused):
         new.meta["nn_module_stack"] = dict(out.meta.get("nn_module_stack", {}))
@@ -434,26 +498,6 @@ def _rewrite(gm: fx.GraphModule, match: _Match, block, plan: prep.LayerPlan) -> 
     for node in reversed(match.experts_region):
         if not node.users:  # shape arithmetic that later code shares stays
             graph.erase_node(node)
-    scaled = ro["scaled"]
-    if not scaled.users:
-        graph.erase_node(scaled)
-
-
-def _constant(gm: fx.GraphModule, plan: prep.LayerPlan, key: str, tensor: torch.Tensor | None):
-    if tensor is None:
-        return None
-    name = "megamoe_" + plan.name.replace(".", "_") + "_" + key
-    if not hasattr(gm, name):
-        gm.register_buffer(name, tensor, persistent=False)
-        # AOTAutograd lifts a dynamo graph's buffers to inputs and wants dynamo's source for each
-        # (it then treats them as static, like parameters: no copies under CUDA graphs). These
-        # tensors are not reached through user code; a named constant source identifies them.
-        sources = getattr(gm, "_param_name_to_source", None)
-        if sources is not None:
-            from torch._dynamo.source import ConstantSource
-
-            sources[name] = ConstantSource(name)
-    return gm.graph.get_attr(name)
 
 
 # -- node helpers -----------------------------------------------------------------------------
@@ -485,7 +529,43 @@ def _is_shape_arithmetic(node: fx.Node) -> bool:
         return False
     value = node.meta.get("example_value")
     values = value if isinstance(value, (tuple, list)) else (value,)
-    return not any(isinstance(v, torch.Tensor) for v in values)
+    return not any(isinstance(v, torch.Tensor) for v in values) and not _has_side_effects(node)
+
+
+# Calls that return no tensor and are known to change nothing: host queries transformers makes
+# while tracing (device capability before a grouped matmul, the finegrained-fp8 kernel loader).
+_PURE_HOST_CALLS = ("get_device_capability", "_load_finegrained_fp8_kernel", "is_compiling",
+                    "is_torchdynamo_compiling")
+_PURE_METHODS = ("size", "stride", "dim", "numel", "item", "get_device", "storage_offset", "__getitem__")
+
+
+def _has_side_effects(node: fx.Node) -> bool:
+    """A node that returns no tensor and is not known to be pure: a custom op returning nothing
+    (it can only act through side effects, e.g. changing its inputs in place), or an unknown
+    callable. SymInt arithmetic (operator.*, math.*, torch.sym_*) is pure."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    value = node.meta.get("example_value")
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if any(isinstance(v, torch.Tensor) for v in values):
+        return False
+    if node.op == "call_method":
+        return node.target not in _PURE_METHODS
+    if node.op == "call_module":
+        return True
+    target = node.target
+    if target is operator.setitem:
+        return False  # in-place on a tensor: the patterns name it where transformers does it
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return not _is_marker(node) and not (target.namespace if isinstance(target, torch._ops.OpOverload)
+                                             else target._qualified_op_name.split("::")[0]) in ("aten", "prims")
+    module = getattr(target, "__module__", "") or ""
+    if module in ("_operator", "operator", "math", "builtins") or module.startswith("torch.fx.experimental"):
+        return False
+    name = getattr(target, "__name__", "")
+    if name.startswith("sym_") or name in _PURE_HOST_CALLS:
+        return False
+    return True
 
 
 def _real_tensor(node: fx.Node) -> torch.Tensor | None:
@@ -518,6 +598,35 @@ def _dim_arg(node: fx.Node, position: int, name: str = "dim", default=None):
     return _const(node.kwargs.get(name, default))
 
 
+def _clamp_args(node: fx.Node):
+    """(min, max) arguments of a clamp as traced: None, a number, or a node."""
+    return tuple(node.kwargs.get(name, node.args[position] if len(node.args) > position else None)
+                 for position, name in ((1, "min"), (2, "max")))
+
+
+def _is_scalar_node(arg) -> bool:
+    value = arg.meta.get("example_value") if isinstance(arg, fx.Node) else None
+    return isinstance(value, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(value, bool)
+
+
+def _is_scalar(arg) -> bool:
+    return (isinstance(arg, (int, float)) and not isinstance(arg, bool)) or _is_scalar_node(arg)
+
+
+def _same_scalar(a, b) -> bool:
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return a is b
+    return _is_scalar(a) and _is_scalar(b) and float(a) == float(b)
+
+
+def _is_negation(a, b) -> bool:
+    """Whether `a` is -`b` (numbers, or a neg node of `b`)."""
+    if isinstance(b, fx.Node):
+        return (isinstance(a, fx.Node) and a.op == "call_function" and a.target in (operator.neg, torch.neg)
+                and a.args[0] is b)
+    return _is_scalar(a) and not isinstance(a, fx.Node) and float(a) == -float(b)
+
+
 def _clamp_bounds(node: fx.Node):
     """(min, max) of a clamp as floats (None = unbounded); "?" for a bound that is not a constant."""
     bounds = []
@@ -526,10 +635,6 @@ def _clamp_bounds(node: fx.Node):
         value = None if bound is None else _const(bound)
         bounds.append(None if bound is None else ("?" if value is None else float(value)))
     return tuple(bounds)
-
-
-def _close(a, b) -> bool:
-    return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=1e-6)
 
 
 def _expect(condition: bool, reason: str) -> None:
