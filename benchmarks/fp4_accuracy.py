@@ -31,7 +31,7 @@ Two weight sets per seed:
 A row "bf16 vs fp32" gives the yardstick: eager float32 against eager bf16, same weights.
 
 Run:  python benchmarks/fp4_accuracy.py [--seeds 0 1 2 3 4] [--new-tokens 32] [--json out.json]
-Takes about 2 minutes on 2 CPU cores (dynamo traces the model once; see RecipeSwitch).
+Takes a few minutes on 2 CPU cores (dynamo traces each recipe's model once; see RecipeModels).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.fx as fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -162,47 +161,34 @@ def greedy_metrics(expected: torch.Tensor, got: torch.Tensor, prompt_len: int) -
     return {"greedy": same.double().mean().item(), "prefix": statistics.mean(prefix)}
 
 
-class RecipeSwitch:
-    """A torch.compile backend that runs megamoe once per recipe on each graph dynamo hands it, and
-    executes the rewrite of the recipe selected in `self.recipe`.
+class RecipeModels:
+    """One model per recipe, prepared with `MegaMoEConfig(kernel="reference", recipe=...)` and
+    compiled once (dynamic shapes) with the megamoe backend. Each seed's weights are loaded into
+    every model: `load_state_dict` rebuilds the kernel-ready copies at load time, and dynamo's
+    graphs, which read them as the model's own buffers, stay valid (no retrace per seed)."""
 
-    Each rewrite is what `torch.compile(..., backend=megamoe_compile.backend(config))` produces
-    for that recipe (the megamoe backend runs on a copy of the same traced graph); only dynamo's
-    tracing, the slow part on CPU, is shared. Weights copied into the model in place keep dynamo's
-    graphs valid; `weights_changed()` then re-plans and rewrites again, so the quantized recipes
-    are rebuilt from the new weights.
-    """
+    def __init__(self, seed: int, recipes):
+        self.models, self.backends = {}, {}
+        for recipe in recipes:
+            config = mc.MegaMoEConfig(kernel="reference", recipe=recipe, inner_backend="eager")
+            model = build_model(seed)
+            mc.prepare(model, config)
+            self.backends[recipe] = mc.backend(config)
+            model.forward = torch.compile(model.forward, backend=self.backends[recipe], dynamic=True)
+            self.models[recipe] = model
 
-    def __init__(self, model, recipes):
-        self.model = model
-        self.configs = {r: mc.MegaMoEConfig(kernel="reference", recipe=r, inner_backend="eager") for r in recipes}
-        self.recipe = recipes[0]
-        self.graphs: list[dict] = []
+    def load(self, state_dict) -> None:
+        for model in self.models.values():
+            model.load_state_dict(state_dict)
 
-    def __call__(self, gm, example_inputs):
-        entry = {"gm": fx.GraphModule(gm, copy.deepcopy(gm.graph)), "inputs": example_inputs}
-        self._rewrite(entry)
-        self.graphs.append(entry)
-        return lambda *args: entry["run"][self.recipe](*args)
-
-    def _rewrite(self, entry) -> None:
-        entry["run"] = {}
-        for recipe, config in self.configs.items():
-            # Consecutive recipes differ, so prepare rebuilds the kernel weights from the current ones.
-            mc.prepare(self.model, config)
-            be = mc.backend(config)
-            graph = fx.GraphModule(entry["gm"], copy.deepcopy(entry["gm"].graph))
-            entry["run"][recipe] = be(graph, entry["inputs"])
+    def check_fused(self) -> None:
+        for recipe, be in self.backends.items():
             not_fused = [f.reason for f in be.fusions if not f.fused]
-            if len(be.fusions) != SIZES["layers"] or not_fused:
-                raise RuntimeError(f"recipe {recipe}: {len(be.fusions)} MoE layers in the graph, not fused: {not_fused}")
-
-    def weights_changed(self) -> None:
-        for entry in self.graphs:
-            self._rewrite(entry)
+            if not be.fusions or not_fused:
+                raise RuntimeError(f"recipe {recipe}: {len(be.fusions)} MoE layers seen, not fused: {not_fused}")
 
 
-def run_seed(model, switch: RecipeSwitch, seed: int, native: str, args) -> list[dict]:
+def run_seed(models: RecipeModels, seed: int, native: str, args) -> list[dict]:
     """Eager bf16 (and float32) on a fresh model of this seed; the compiled recipes on `model`
     with the same weights copied in."""
     reference = build_model(seed)
@@ -224,13 +210,13 @@ def run_seed(model, switch: RecipeSwitch, seed: int, native: str, args) -> list[
         rows.append(row)
         del fp32
 
-        model.load_state_dict(reference.state_dict())  # in place: the same tensor objects
-        switch.weights_changed()
+        models.load(reference.state_dict())
         for recipe in RECIPES:
-            switch.recipe = recipe
+            model = models.models[recipe]
             with DequantizedWeightCache():
                 logits = model(ids).logits
                 tokens = model.generate(prompt, **generate)
+            models.check_fused()
             row = {"seed": seed, "weights": native, "recipe": recipe}
             row.update(logit_metrics(eager_logits, logits))
             row.update(greedy_metrics(eager_tokens, tokens, args.prompt))
@@ -260,14 +246,12 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     start = time.perf_counter()
-    # One model object, compiled once; each seed's weights are copied into it (see RecipeSwitch).
-    model = build_model(args.seeds[0])
-    switch = RecipeSwitch(model, RECIPES)
-    model.forward = torch.compile(model.forward, backend=switch, dynamic=True)
+    # One model per recipe, compiled once; each seed's weights are loaded into them (RecipeModels).
+    models = RecipeModels(args.seeds[0], RECIPES)
     rows = []
     for native in ("bf16", "fp4"):
         for seed in args.seeds:
-            rows += run_seed(model, switch, seed, native, args)
+            rows += run_seed(models, seed, native, args)
     summary = summarize(rows)
     elapsed = time.perf_counter() - start
 
@@ -285,7 +269,7 @@ def main() -> None:
     if from_mxfp4:
         print(f"fp4-native, recipe fp8 built from MXFP4 storage (exact power-of-two conversion, as from an "
               f"FP4 checkpoint): layer diff {statistics.mean(from_mxfp4):.2e}")
-    result = {"model": {**SIZES, "vocab": VOCAB, "dtype": "bfloat16"}, "graphs_traced": len(switch.graphs), "args": {k: (str(v) if isinstance(v, Path) else v)
+    result = {"model": {**SIZES, "vocab": VOCAB, "dtype": "bfloat16"}, "graphs_traced": sum(len(be.graphs) for be in models.backends.values()), "args": {k: (str(v) if isinstance(v, Path) else v)
               for k, v in vars(args).items()}, "torch": torch.__version__, "elapsed_s": round(elapsed, 1),
               "summary": summary, "rows": rows}
     print(json.dumps(result["summary"], indent=1))

@@ -230,7 +230,7 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
         return old
     spec, why = hf.describe(name, block)
     index = hf.layer_index(name)
-    _drop_buffers(experts)
+    previous = _drop_buffers(experts)
     _restore_implementation(experts)
 
     if spec is None:
@@ -254,7 +254,7 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
                     # transformers' shard as it is, or this rank's even share of whole experts
                     plan.local_experts = spec.ep_experts if spec.expert_parallel else ep.local_range(spec)
                 try:
-                    _build(experts, spec, plan, config, ep)
+                    _build(experts, spec, plan, config, ep, previous)
                 except RuntimeError as e:  # the kernel library refused this shape at load time
                     _drop_buffers(experts)
                     if config.kernel != "auto":
@@ -366,7 +366,8 @@ def recipe_problem(kernel: str, recipe: str, spec: hf.MoESpec) -> str:
 
 
 def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: MegaMoEConfig,
-           ep: ExpertParallel | None) -> None:
+           ep: ExpertParallel | None, previous: dict[str, torch.Tensor] | None = None) -> None:
+    previous = previous or {}
     from .ops import deepgemm
 
     with torch.no_grad():
@@ -390,22 +391,36 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
     if plan.recipe == "none" and plan.local_experts is None:
         plan.prepared_bytes = 0  # the kernel reads the model's own weights
         return
+    # Views of the model's own tensors (a checkpoint already in the recipe's format, this rank's
+    # slice of the experts) are not copies: they cost no memory, and are never written into.
+    model_storage = {hf.local_tensor(p).untyped_storage().data_ptr() for p in experts.parameters()}
+    model_storage |= {b.untyped_storage().data_ptr() for n, b in experts.named_buffers()
+                      if not n.startswith(_BUFFER_PREFIX)}
+    owned = set()
     for key, tensor in weights.tensors().items():
-        if tensor is not None:
-            # Quantized copies are kept as integer bits, so `model.to(dtype)` leaves them as they
-            # are (recipe "none" keeps the model's dtype and is cast along with it).
-            stored = tensor if plan.recipe == "none" else recipes.to_bits(tensor)
-            experts.register_buffer(_BUFFER_PREFIX + key, stored, persistent=False)
+        if tensor is None:
+            continue
+        # Quantized copies are kept as integer bits, so `model.to(dtype)` leaves them as they are
+        # (recipe "none" keeps the model's dtype and is cast along with it).
+        stored = tensor if plan.recipe == "none" else recipes.to_bits(tensor)
+        name = _BUFFER_PREFIX + key
+        if tensor.untyped_storage().data_ptr() not in model_storage:
+            owned.add(name)
+            old = previous.get(name)
+            if (old is not None and name in getattr(experts, "_megamoe_owned", ()) and old.shape == stored.shape
+                    and old.dtype == stored.dtype and old.device == stored.device and old.stride() == stored.stride()):
+                # A rebuild (weights loaded or changed): into the same memory, so that compiled code
+                # holding it - CUDA graphs read their static inputs by address - sees the new weights.
+                old.copy_(stored)
+                stored = old
+        experts.register_buffer(name, stored, persistent=False)
+    experts._megamoe_owned = owned
     plan.source_stamp = _source_stamp(experts, spec)
     experts_ref = weakref.ref(experts)
     register_source_check(getattr(experts, _BUFFER_PREFIX + "w1"),
                           lambda: stale_reason(experts_ref()) if experts_ref() is not None else "")
-    # Count only new memory: views of the model's own tensors (a checkpoint already in the
-    # recipe's format, this rank's slice of the experts) cost nothing extra.
-    own = {hf.local_tensor(p).untyped_storage().data_ptr() for p in experts.parameters()}
-    own |= {b.untyped_storage().data_ptr() for n, b in experts.named_buffers() if not n.startswith(_BUFFER_PREFIX)}
     plan.prepared_bytes = sum(t.numel() * t.element_size() for t in weights.tensors().values()
-                              if t is not None and t.untyped_storage().data_ptr() not in own)
+                              if t is not None and t.untyped_storage().data_ptr() not in model_storage)
 
 
 def _use_megamoe_implementation(experts: torch.nn.Module) -> None:
@@ -529,9 +544,9 @@ def _restore_implementation(experts: torch.nn.Module) -> None:
         experts._megamoe_transformers_forward = None
 
 
-def _drop_buffers(experts: torch.nn.Module) -> None:
-    for key in [k for k in experts._buffers if k.startswith(_BUFFER_PREFIX)]:
-        del experts._buffers[key]
+def _drop_buffers(experts: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Remove prepare's buffers; returns them (a rebuild may write into them again)."""
+    return {key: experts._buffers.pop(key) for key in [k for k in experts._buffers if k.startswith(_BUFFER_PREFIX)]}
 
 
 def _nbytes(module: torch.nn.Module) -> int:

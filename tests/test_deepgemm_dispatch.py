@@ -535,7 +535,9 @@ def test_missing_deep_gemm_names_the_matching_release(install, monkeypatch):
     kernel, why = deepgemm.kernel_for(spec(device="cuda"))
     assert kernel is None
     assert "deep_gemm" in why and "not importable" in why
-    assert "0.1.4.post1-0.1.5 is built for torch 2.11" in why and "0.2.x for torch >= 2.13" in why
+    assert 'pip install "sgl-deep-gemm>=0.2"` for torch >= 2.13' in why
+    assert 'pip install "sgl-deep-gemm>=0.1.4.post1,<0.1.6"` for torch 2.11' in why
+    assert 'pip install -e ".[deepgemm]"' in why  # not on the package index: from a clone
     with pytest.raises(RuntimeError, match="cannot run: deep_gemm"):
         deepgemm.layout_weights("deepgemm_sm90", sm90_weights())
 

@@ -443,3 +443,16 @@ def test_the_op_validates_fp8_scales():
     with pytest.raises(ValueError, match="recipe 'fp8' needs w1_scale"):
         torch.ops.megamoe.fused_moe(x, idx, wts, q1, None, q2, s2, kernel="reference", recipe="fp8",
                                     routed_scaling_factor=1.0, swiglu_limit=None)
+
+
+def test_a_rebuild_writes_into_the_same_memory():
+    """CUDA graphs read their static inputs by address: a rebuilt copy must stay where it was."""
+    model = tiny_model(seed=0, **FP8_MODEL)
+    mc.prepare(model, mc.MegaMoEConfig(kernel="reference", recipe="fp8"))
+    experts = model.model.layers[1].mlp.experts
+    before = {k: (b, b.data_ptr(), b.clone()) for k, b in experts.named_buffers() if k.startswith("megamoe_")}
+    model.load_state_dict(tiny_model(seed=7, **FP8_MODEL).state_dict())
+    after = dict(experts.named_buffers())
+    for key, (tensor, ptr, old_values) in before.items():
+        assert after[key] is tensor and after[key].data_ptr() == ptr
+    assert not torch.equal(after["megamoe_w1"], before["megamoe_w1"][2])

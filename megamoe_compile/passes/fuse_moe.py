@@ -13,7 +13,6 @@ the op, and indices/weights are cast to what the kernels take (int32, float32).
 from __future__ import annotations
 
 import logging
-import math
 import operator
 from dataclasses import dataclass, field
 
