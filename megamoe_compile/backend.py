@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
@@ -15,8 +16,7 @@ import torch.fx as fx
 from . import hf
 from . import prepare as prep
 from .config import MegaMoEConfig
-from .passes import LayerFusion, fuse_moe_layers, prepared_blocks, unprepared_moe_blocks
-from .passes.fuse_moe import _is_marker
+from .passes import LayerFusion, fuse_moe_layers, prepared_blocks, remove_markers, unprepared_moe_blocks
 
 log = logging.getLogger("megamoe_compile")
 
@@ -90,7 +90,8 @@ class MegaMoEBackend:
         fusions = self._fuse(gm)
         self.graphs.append(CompiledGraph(gm, fusions))
         if original is not None:
-            _drop_markers(original)
+            remove_markers(original)
+            original.recompile()
             return original.forward
         return _inner_compile(gm, example_inputs, config.inner_backend, mode, inner_options)
 
@@ -102,9 +103,12 @@ class MegaMoEBackend:
             for block in prepared_blocks(gm.graph):
                 plan = block.experts._megamoe_plan
                 if plan.config is not None and plan.config.plan_key() != self.config.plan_key():
+                    differ = [f.name for f in dataclasses.fields(MegaMoEConfig) if f.name not in COMPILE_FIELDS
+                              and getattr(plan.config, f.name) is not getattr(self.config, f.name)
+                              and getattr(plan.config, f.name) != getattr(self.config, f.name)]
                     raise ValueError(f"megamoe: {plan.name} was prepared with another config than this backend's "
-                                     f"({plan.config} vs {self.config}); call mc.prepare(model, config) with the "
-                                     "backend's config first (or use mc.compile(model, config))")
+                                     f"(they differ in {differ}); prepare with the backend's config first, use "
+                                     "mc.compile(model, config), or pass only options={'inner_backend': ...}")
         fusions = fuse_moe_layers(gm)
         for name in unprepared:
             fusions.append(LayerFusion(name, hf.layer_index(name), False, reason=NOT_PREPARED))
@@ -147,12 +151,6 @@ def _warn_once(keys: list[str], message: str) -> None:
         _WARNED.update(new)
         warnings.warn(message if message.startswith("megamoe") else f"megamoe: {message} ({', '.join(keys[:4])}"
                       f"{', ...' if len(keys) > 4 else ''})", stacklevel=3)
-
-
-def _drop_markers(gm: fx.GraphModule) -> None:
-    for node in [n for n in gm.graph.nodes if _is_marker(n)]:
-        gm.graph.erase_node(node)
-    gm.recompile()
 
 
 def _prepared_config(gm: fx.GraphModule) -> MegaMoEConfig | None:

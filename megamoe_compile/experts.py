@@ -59,25 +59,23 @@ def _implementation(experts: torch.nn.Module, name: str | None):
     if name in (None, "eager"):
         # The class's own forward, under every `use_experts_implementation` wrapper.
         return inspect.unwrap(type(experts).forward)
-    return _interface(experts)[name]
+    return _INTERFACES[experts._megamoe_plan.spec.experts_class][name]
 
 
-def _interface(experts: torch.nn.Module):
-    from . import hf
-
-    if hf.is_fp8_experts(experts):
-        return hf.fp8_integration().ALL_FP8_EXPERTS_FUNCTIONS
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    return ALL_EXPERTS_FUNCTIONS
+# experts class name -> the transformers `ExpertsInterface` its forward dispatches through. Filled
+# by `register()` at prepare time, so that a traced forward imports nothing (dynamo cannot trace
+# an import of transformers' lazy modules on every torch release).
+_INTERFACES: dict[str, object] = {}
 
 
 def register() -> None:
-    from transformers.integrations.moe import ExpertsInterface
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
     from . import hf
 
     ExpertsInterface.register(IMPLEMENTATION, megamoe_experts_forward)
+    _INTERFACES["DeepseekV4Experts"] = ALL_EXPERTS_FUNCTIONS
     fp8 = hf.fp8_integration()
     if fp8 is not None and hasattr(fp8, "FP8ExpertsInterface"):
         fp8.FP8ExpertsInterface.register(IMPLEMENTATION, megamoe_experts_forward)
+        _INTERFACES[hf.FP8_EXPERTS_CLASS] = fp8.ALL_FP8_EXPERTS_FUNCTIONS

@@ -185,11 +185,6 @@ class ExpertParallel:
                              "exchanges tokens through NVLink symmetric memory within one node")
 
 
-def replan_block(block: torch.nn.Module, config: MegaMoEConfig) -> LayerPlan:
-    """Re-plan one prepared block for `config` (no work when its plan already matches)."""
-    return _plan_layer(block.experts._megamoe_plan.name, block, config, ExpertParallel.from_config(config))
-
-
 def layer_plans(model: torch.nn.Module) -> list[LayerPlan]:
     """The plans `prepare` made, in module order."""
     return [plan for _, b in hf.find_moe_blocks(model) if (plan := getattr(b.experts, "_megamoe_plan", None))]
@@ -221,11 +216,11 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
         check_calls(ep.group_name, config.ep_check_calls)
     old = getattr(experts, "_megamoe_plan", None)
     if getattr(experts, "_megamoe_released", False):
-        if old.fingerprint[0] != config.plan_key():
+        if old.config.plan_key() != config.plan_key():
             raise ValueError(f"{name}: its original expert weights were released "
                              "(release_original_weights=True); reload the model to plan it differently")
         return old
-    fingerprint = _fingerprint(config, block)
+    fingerprint = _fingerprint(name, config, block)
     if old is not None and old.fingerprint == fingerprint:
         return old
     spec, why = hf.describe(name, block)
@@ -274,10 +269,9 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
     if old is not None:
         plan.generation = str(int(old.generation) + 1) if old.stale_seen else old.generation
     experts._megamoe_plan = plan
-    experts._megamoe_block = weakref.ref(block)
     for part in (block, block.gate, experts):
         _PREPARED_PARTS[str(id(part))] = part
-    _install_hooks(experts)
+    _install_hooks(block)
     _BLOCK_BY_WEIGHT[experts.gate_up_proj] = weakref.ref(block)
     if plan.fuse and config.release_original_weights and plan.recipe != "none":
         if spec.experts_class != "DeepseekV4Experts":
@@ -415,7 +409,7 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
                 stored = old
         experts.register_buffer(name, stored, persistent=False)
     experts._megamoe_owned = owned
-    plan.source_stamp = _source_stamp(experts, spec)
+    plan.source_stamp = _source_stamp(experts)
     experts_ref = weakref.ref(experts)
     register_source_check(getattr(experts, _BUFFER_PREFIX + "w1"),
                           lambda: stale_reason(experts_ref()) if experts_ref() is not None else "")
@@ -447,15 +441,12 @@ def _run_fused_op_in_forward(block: torch.nn.Module, plan: LayerPlan) -> None:
     plan.eager_fused = True
 
 
-def _source_tensors(experts: torch.nn.Module, spec: hf.MoESpec) -> list[torch.Tensor]:
-    tensors = [experts.gate_up_proj, experts.down_proj]
-    if spec.weight_format != "dense":
-        tensors += [s for s in hf.fp8_expert_scales(experts) if isinstance(s, torch.Tensor)]
-    return [hf.local_tensor(t) for t in tensors]
-
-
-def _source_stamp(experts: torch.nn.Module, spec: hf.MoESpec) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in _source_tensors(experts, spec))
+def _source_stamp(experts: torch.nn.Module) -> tuple:
+    """(data_ptr, version, dtype, device, shape) of each tensor a kernel-ready copy is built from:
+    the expert weights and, for a quantized checkpoint, their scales."""
+    tensors = [experts.gate_up_proj, experts.down_proj,
+               *(s for s in hf.fp8_expert_scales(experts) if isinstance(s, torch.Tensor))]
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in map(hf.local_tensor, tensors))
 
 
 def stale_reason(experts: torch.nn.Module) -> str:
@@ -464,45 +455,43 @@ def stale_reason(experts: torch.nn.Module) -> str:
     plan = getattr(experts, "_megamoe_plan", None)
     if plan is None or not plan.fuse or plan.released or not plan.source_stamp:
         return ""
-    if _source_stamp(experts, plan.spec) == plan.source_stamp:
+    if _source_stamp(experts) == plan.source_stamp:
         return ""
     return (f"{plan.name}: its expert weights changed after prepare (modified in place, replaced, cast or "
             "moved), so its kernel-ready copy is stale; call mc.prepare(model, config) again to rebuild it "
             "(load_state_dict rebuilds it by itself)")
 
 
-def _install_hooks(experts: torch.nn.Module) -> None:
-    """Once per experts module: rebuild the kernel-ready copy after `load_state_dict` (load time,
-    not per call), and refuse to save or load a layer whose original weights were released."""
-    if getattr(experts, "_megamoe_hooks", None):
+def _install_hooks(block: torch.nn.Module) -> None:
+    """Once per MoE block: rebuild the kernel-ready copy after `load_state_dict` (load time, not
+    per call), and refuse to save or load a layer whose original weights were released."""
+    if getattr(block, "_megamoe_hooked", False):
         return
-    experts._megamoe_hooks = [
-        experts.register_load_state_dict_pre_hook(_refuse_load_into_released),
-        experts.register_load_state_dict_post_hook(_rebuild_after_load),
-        experts.register_state_dict_post_hook(_refuse_save_released),
-    ]
+    block.register_load_state_dict_pre_hook(_refuse_load_into_released)
+    block.register_load_state_dict_post_hook(_rebuild_after_load)
+    block.register_state_dict_post_hook(_refuse_save_released)
+    block._megamoe_hooked = True
 
 
-def _released_message(experts: torch.nn.Module, what: str) -> str:
-    return (f"megamoe: {experts._megamoe_plan.name}: cannot {what}: prepare released its original expert weights "
-            "(MegaMoEConfig(release_original_weights=True)); only the kernel-ready copy is held. Reload the model "
-            "from its checkpoint (and prepare it without release_original_weights) to save or load weights.")
+def _released_message(block: torch.nn.Module, what: str) -> str:
+    return (f"megamoe: {block.experts._megamoe_plan.name}: cannot {what}: prepare released its original expert "
+            "weights (MegaMoEConfig(release_original_weights=True)); only the kernel-ready copy is held. Reload the "
+            "model from its checkpoint (and prepare it without release_original_weights) to save or load weights.")
 
 
-def _refuse_save_released(module, state_dict, prefix, local_metadata) -> None:
-    if getattr(module, "_megamoe_released", False):
-        raise RuntimeError(_released_message(module, "save its weights (state_dict / save_pretrained)"))
+def _refuse_save_released(block, state_dict, prefix, local_metadata) -> None:
+    if getattr(block.experts, "_megamoe_released", False):
+        raise RuntimeError(_released_message(block, "save its weights (state_dict / save_pretrained)"))
 
 
-def _refuse_load_into_released(module, state_dict, prefix, *args) -> None:
-    if getattr(module, "_megamoe_released", False) and any(k.startswith(prefix) for k in state_dict):
-        raise RuntimeError(_released_message(module, "load weights into it (load_state_dict)"))
+def _refuse_load_into_released(block, state_dict, prefix, *args) -> None:
+    if getattr(block.experts, "_megamoe_released", False) and any(k.startswith(prefix + "experts.") for k in state_dict):
+        raise RuntimeError(_released_message(block, "load weights into it (load_state_dict)"))
 
 
-def _rebuild_after_load(module, incompatible_keys) -> None:
-    plan = getattr(module, "_megamoe_plan", None)
-    block = getattr(module, "_megamoe_block", lambda: None)()
-    if plan is None or block is None or plan.released or not stale_reason(module):
+def _rebuild_after_load(block, incompatible_keys) -> None:
+    plan = getattr(block.experts, "_megamoe_plan", None)
+    if plan is None or plan.released or not stale_reason(block.experts):
         return
     log.info("megamoe: %s: weights loaded after prepare; rebuilding its kernel-ready copy", plan.name)
     _plan_layer(plan.name, block, plan.config, ExpertParallel.from_config(plan.config))
@@ -554,9 +543,9 @@ def _nbytes(module: torch.nn.Module) -> int:
     return sum(hf.local_tensor(p).numel() * p.element_size() for n, p in module.named_parameters())
 
 
-def _fingerprint(config: MegaMoEConfig, block: torch.nn.Module) -> tuple:
-    experts = block.experts
-    sources = [hf.local_tensor(experts.gate_up_proj), hf.local_tensor(experts.down_proj),
-               *(hf.local_tensor(t) for t in hf.fp8_expert_scales(experts) if isinstance(t, torch.Tensor))]
-    return (config.plan_key(), hf.experts_implementation(experts),
-            tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in sources))
+def _fingerprint(name: str, config: MegaMoEConfig, block: torch.nn.Module) -> tuple:
+    """What a plan depends on: an equal fingerprint means prepare has nothing to redo. The name
+    (selection patterns match it), the router facts the plan's spec records, and the weights."""
+    gate = block.gate
+    return (name, config.plan_key(), hf.experts_implementation(block.experts), int(gate.top_k),
+            type(getattr(gate, "score_fn", None)), _source_stamp(block.experts))

@@ -456,3 +456,38 @@ def test_a_rebuild_writes_into_the_same_memory():
     for key, (tensor, ptr, old_values) in before.items():
         assert after[key] is tensor and after[key].data_ptr() == ptr
     assert not torch.equal(after["megamoe_w1"], before["megamoe_w1"][2])
+
+
+def test_a_prepared_model_pickles():
+    import io
+
+    model = tiny_model(seed=0, **FP8_MODEL)
+    mc.prepare(model, mc.MegaMoEConfig(kernel="reference", recipe="fp8"))
+    torch.save(model, io.BytesIO())  # no back-references that cannot be pickled
+
+
+def test_prepare_again_under_another_name_or_top_k_re_plans():
+    config = mc.MegaMoEConfig(kernel="reference", recipe="fp8", exclude=["model.layers.1.mlp"])
+    model = tiny_model(seed=0, **FP8_MODEL)
+    mc.prepare(model.model.layers[1], config)  # named "mlp" here: not excluded
+    mc.prepare(model, config)  # named "model.layers.1.mlp": excluded
+    assert [p.fuse for p in mc.layer_plans(model)] == [True, False]
+    model.model.layers[0].mlp.gate.top_k = 1
+    mc.prepare(model, config)
+    assert mc.layer_plans(model)[0].spec.top_k == 1
+
+
+def test_the_traced_experts_forward_imports_nothing(monkeypatch):
+    """torch 2.11's dynamo cannot trace an import of transformers' lazy modules (a graph break
+    that separated the marker from the experts code on the H200): the forward imports nothing."""
+    from megamoe_compile import hf
+
+    model = tiny_model(seed=0)
+    mc.prepare(model, mc.MegaMoEConfig())
+
+    def no_import_here():
+        raise AssertionError("transformers' finegrained_fp8 looked up while tracing")
+
+    monkeypatch.setattr(hf, "fp8_integration", no_import_here)
+    _compiled(model)
+    assert _fused_layers() == 2

@@ -53,6 +53,6 @@ def as_storage(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tenso
     """`t` viewed as `dtype` when it holds that dtype's bits (same element size); else `t` itself."""
     if t is None or dtype is None or t.dtype == dtype:
         return t
-    if not (t.is_floating_point() or t.is_complex()) and t.element_size() == torch.empty((), dtype=dtype).element_size():
+    if not (t.is_floating_point() or t.is_complex()) and t.element_size() == dtype.itemsize:
         return t.view(dtype)
     return t

@@ -57,15 +57,20 @@ def fuse_moe_layers(gm: fx.GraphModule) -> list[LayerFusion]:
 
     Every `megamoe.prepared_weights` marker is removed, fused or not: a layer left unfused is
     exactly the code transformers traced."""
-    graph = gm.graph
-    results = [_fuse_one(gm, block, str(id(block.experts))) for block in prepared_blocks(graph)]
-    markers = [n for n in graph.nodes if _is_marker(n)]
-    for node in markers:
-        graph.erase_node(node)
-    if markers or any(r.fused for r in results):
-        graph.lint()
+    results = [_fuse_one(gm, block, str(id(block.experts))) for block in prepared_blocks(gm.graph)]
+    if remove_markers(gm) or any(r.fused for r in results):
+        gm.graph.lint()
         gm.recompile()
     return results
+
+
+def remove_markers(gm: fx.GraphModule) -> int:
+    """Erase every `megamoe.prepared_weights` call (a no-op: it only carried weights and constants
+    into the trace); returns how many. The caller recompiles `gm`."""
+    markers = [n for n in gm.graph.nodes if _is_marker(n)]
+    for node in markers:
+        gm.graph.erase_node(node)
+    return len(markers)
 
 
 def prepared_blocks(graph: fx.Graph):
@@ -519,6 +524,11 @@ def _op_name(node: fx.Node) -> str:
     return node.op
 
 
+def _returns_tensor(node: fx.Node) -> bool:
+    value = node.meta.get("example_value")
+    return any(isinstance(v, torch.Tensor) for v in (value if isinstance(value, (tuple, list)) else (value,)))
+
+
 def _is_shape_arithmetic(node: fx.Node) -> bool:
     """Nodes that compute no tensor: SymInt/SymFloat plumbing that dynamic shapes add (sizes,
     `.item()` of a float attribute) and host-side queries transformers makes while tracing (on
@@ -526,9 +536,7 @@ def _is_shape_arithmetic(node: fx.Node) -> bool:
     tensor operations only; in-place `setitem`, which returns None, is one of them."""
     if node.op == "call_function" and node.target is operator.setitem:
         return False
-    value = node.meta.get("example_value")
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    return not any(isinstance(v, torch.Tensor) for v in values) and not _has_side_effects(node)
+    return not _returns_tensor(node) and not _has_side_effects(node)
 
 
 # Calls that return no tensor and are known to change nothing: host queries transformers makes
@@ -542,11 +550,7 @@ def _has_side_effects(node: fx.Node) -> bool:
     """A node that returns no tensor and is not known to be pure: a custom op returning nothing
     (it can only act through side effects, e.g. changing its inputs in place), or an unknown
     callable. SymInt arithmetic (operator.*, math.*, torch.sym_*) is pure."""
-    if node.op not in ("call_function", "call_method", "call_module"):
-        return False
-    value = node.meta.get("example_value")
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    if any(isinstance(v, torch.Tensor) for v in values):
+    if node.op not in ("call_function", "call_method", "call_module") or _returns_tensor(node):
         return False
     if node.op == "call_method":
         return node.target not in _PURE_METHODS
@@ -556,8 +560,7 @@ def _has_side_effects(node: fx.Node) -> bool:
     if target is operator.setitem:
         return False  # in-place on a tensor: the patterns name it where transformers does it
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return not _is_marker(node) and not (target.namespace if isinstance(target, torch._ops.OpOverload)
-                                             else target._qualified_op_name.split("::")[0]) in ("aten", "prims")
+        return not _is_marker(node) and _op_namespace(node) not in ("aten", "prims")
     module = getattr(target, "__module__", "") or ""
     if module in ("_operator", "operator", "math", "builtins") or module.startswith("torch.fx.experimental"):
         return False
@@ -624,16 +627,6 @@ def _is_negation(a, b) -> bool:
         return (isinstance(a, fx.Node) and a.op == "call_function" and a.target in (operator.neg, torch.neg)
                 and a.args[0] is b)
     return _is_scalar(a) and not isinstance(a, fx.Node) and float(a) == -float(b)
-
-
-def _clamp_bounds(node: fx.Node):
-    """(min, max) of a clamp as floats (None = unbounded); "?" for a bound that is not a constant."""
-    bounds = []
-    for position, name in ((1, "min"), (2, "max")):
-        bound = node.kwargs.get(name, node.args[position] if len(node.args) > position else None)
-        value = None if bound is None else _const(bound)
-        bounds.append(None if bound is None else ("?" if value is None else float(value)))
-    return tuple(bounds)
 
 
 def _expect(condition: bool, reason: str) -> None:
