@@ -80,12 +80,19 @@ def explain(model: torch.nn.Module, *args, config: MegaMoEConfig | None = None, 
     The traced graphs are rewritten and recorded but run as traced (eager ops): no inductor code
     generation and no fused kernels are run.
     """
-    config = config or getattr(model, "_megamoe_config", None) or MegaMoEConfig()
-    prepare(model, config)
+    if config is not None:
+        prepare(model, config)
+    elif not layer_plans(model):  # never prepared (as a whole or by parts): the default plan
+        prepare(model, MegaMoEConfig())
+    config = config or getattr(model, "_megamoe_config", None) or _first_config(model) or MegaMoEConfig()
     be = MegaMoEBackend(config, run_original=True)
     with torch.no_grad():
         torch.compile(model, backend=be)(*args, **kwargs)
     return MoEReport(_layer_reports(layer_plans(model), be), be.graphs)
+
+
+def _first_config(model: torch.nn.Module) -> MegaMoEConfig | None:
+    return next((plan.config for plan in layer_plans(model)), None)
 
 
 def _layer_reports(plans: list[LayerPlan], be: MegaMoEBackend) -> list[LayerReport]:

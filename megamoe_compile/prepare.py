@@ -490,11 +490,11 @@ def _refuse_load_into_released(block, state_dict, prefix, *args) -> None:
 
 
 def _rebuild_after_load(block, incompatible_keys) -> None:
+    # Re-plan whatever the load changed (a copy in place, or new tensors with assign=True);
+    # `_plan_layer` does nothing when the fingerprint is unchanged.
     plan = getattr(block.experts, "_megamoe_plan", None)
-    if plan is None or plan.released or not stale_reason(block.experts):
-        return
-    log.info("megamoe: %s: weights loaded after prepare; rebuilding its kernel-ready copy", plan.name)
-    _plan_layer(plan.name, block, plan.config, ExpertParallel.from_config(plan.config))
+    if plan is not None and not plan.released:
+        _plan_layer(plan.name, block, plan.config, ExpertParallel.from_config(plan.config))
 
 
 def _release_original_weights(block: torch.nn.Module, plan: LayerPlan) -> None:

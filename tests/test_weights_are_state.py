@@ -491,3 +491,42 @@ def test_the_traced_experts_forward_imports_nothing(monkeypatch):
     monkeypatch.setattr(hf, "fp8_integration", no_import_here)
     _compiled(model)
     assert _fused_layers() == 2
+
+
+def test_experts_cast_apart_from_the_activations_stay_unfused():
+    model = tiny_model(seed=0)
+    mc.prepare(model, mc.MegaMoEConfig())
+    model.model.layers[1].mlp.experts.to(torch.bfloat16)  # transformers casts activations to bf16 there
+    be = mc.backend(inner_backend="eager")
+    with torch.no_grad():
+        expected = model(input_ids()).logits
+        got = torch.compile(model, backend=be)(input_ids()).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    fusions = {f.name: f for f in be.fusions}
+    assert "bfloat16 weights but run on torch.float32 activations" in fusions["model.layers.1.mlp"].reason
+
+
+def test_load_state_dict_with_assign_re_plans_recipe_none():
+    model = tiny_model(seed=0)
+    mc.prepare(model, mc.MegaMoEConfig())
+    model.load_state_dict(tiny_model(seed=7).state_dict(), assign=True)  # new Parameter objects
+    got = _compiled(model)
+    assert _fused_layers() == 2
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(input_ids()).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_explain_keeps_a_plan_made_by_parts():
+    config = mc.MegaMoEConfig(kernel="reference", recipe="fp8")
+    model = tiny_model(seed=0, **FP8_MODEL)
+    for layer in model.model.layers:
+        mc.prepare(layer, config)
+    report = mc.explain(model, input_ids())
+    assert [(r.fused, r.recipe) for r in report.layers] == [(True, "fp8"), (True, "fp8")]
+
+
+def test_the_op_checks_devices():
+    x, idx, wts, w1, w2 = _op_args()
+    with pytest.raises(ValueError, match="w1 is on meta, x on cpu"):
+        torch.ops.megamoe.fused_moe(x, idx, wts, w1.to("meta"), None, w2, None, kernel="reference", recipe="none",
+                                    routed_scaling_factor=1.0, swiglu_limit=None)

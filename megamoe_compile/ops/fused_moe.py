@@ -223,6 +223,10 @@ def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kerne
     if kernel not in _KERNELS:
         raise ValueError(f"megamoe.fused_moe: unknown kernel {kernel!r}; registered: {sorted(_KERNELS)}")
     r = recipes.recipe(recipe)
+    for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights), ("w1", w1), ("w1_scale", w1_scale),
+                    ("w2", w2), ("w2_scale", w2_scale)):
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"megamoe.fused_moe: {name} is on {t.device}, x on {x.device}")
     if recipe not in _KERNEL_RECIPES[kernel]:
         raise ValueError(f"megamoe.fused_moe: kernel {kernel} takes recipes {list(_KERNEL_RECIPES[kernel])}, "
                          f"got {recipe!r}")
@@ -248,8 +252,9 @@ def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kerne
         for name, w in (("w1", w1), ("w2", w2)):
             if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"megamoe.fused_moe: recipe 'none' takes float32/bfloat16/float16 {name}, got {w.dtype}")
-        if w1.dtype != w2.dtype:
-            raise ValueError(f"megamoe.fused_moe: w1 is {w1.dtype} but w2 is {w2.dtype}")
+        if w1.dtype != w2.dtype or w1.dtype != x.dtype:
+            raise ValueError(f"megamoe.fused_moe: recipe 'none' computes in x's dtype: x is {x.dtype}, "
+                             f"w1 {w1.dtype}, w2 {w2.dtype}")
         if w1_scale is not None or w2_scale is not None:
             raise ValueError("megamoe.fused_moe: recipe 'none' takes no weight scales (w1_scale/w2_scale must be None)")
         return w1, w1_scale, w2, w2_scale

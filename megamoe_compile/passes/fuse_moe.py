@@ -472,6 +472,10 @@ def _check_runtime(match: _Match, spec: hf.MoESpec, plan: prep.LayerPlan) -> Non
         if requires:
             raise NoMatch("gradients are enabled and required; the fused op is inference-only "
                           "(run under torch.no_grad() or torch.inference_mode())")
+    weight = match.w1.meta.get("example_value")
+    if plan.recipe == "none" and weight is not None and weight.dtype != hidden.dtype:
+        # transformers casts the activations to the weights' dtype; the op computes in x's.
+        raise NoMatch(f"the experts hold {weight.dtype} weights but run on {hidden.dtype} activations")
     if hidden.device.type != spec.device.type:
         raise NoMatch(f"hidden states on {hidden.device}, experts prepared for {spec.device}")
     if plan.kernel != "reference" and hidden.dtype != torch.bfloat16:
