@@ -10,15 +10,11 @@ from typing import Any
 
 import torch
 
+from .ops import recipes
+
 KERNELS = ("auto", "reference", "deepgemm")
-# "none": the expert weights as the model holds them (reference kernel only, exact).
-# "fp8": FP8 e4m3 weights, one float32 scale per 128x128 block; FP8 activations per 1x128
-#        (DeepGEMM fp8_mega_moe, Hopper).
-# "fp8_fp4": MXFP4 weights (e2m1, UE8M0 scale per 1x32); FP8 activations per 1x32
-#        (DeepGEMM fp8_fp4_mega_moe, Blackwell).
-# "fp4_fp4": opt-in w4a4: the same MXFP4 weights, MXFP4 activations per 1x32 (fp8_fp4_mega_moe
-#        with mma_type "mxf4xmxf4", Blackwell; never chosen by "auto").
-RECIPES = ("auto", "none", "fp8", "fp8_fp4", "fp4_fp4")
+# What each recipe stores and computes: the table in ops/recipes.py ("auto": the kernel's default).
+RECIPES = ("auto", *recipes.RECIPES)
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 EP_MODES = ("none", "local_batch", "shared_batch")
 

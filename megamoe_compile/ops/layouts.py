@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import quant
+from . import quant, recipes
 
 
 @dataclass
@@ -57,14 +57,14 @@ def source_weights(experts: torch.nn.Module, weight_format: str) -> KernelWeight
 
 def _check_scale_grid(name: str, w: torch.Tensor, s: torch.Tensor, weight_format: str) -> None:
     """A scale tensor must be the grid its format implies; anything else would be misread."""
+    r = recipes.recipe(recipes.keeping(weight_format))  # the recipe that stores this format as it is
+    rows, cols = r.scale_block
     *lead, n, k = w.shape
-    if weight_format == "fp8":
-        expected = (*lead, n // 128, k // 128) if n % 128 == 0 and k % 128 == 0 else None
-    else:  # mxfp4: k counts bytes, two values each
-        expected = (*lead, n, k * 2 // quant.MXFP4_BLOCK) if (k * 2) % quant.MXFP4_BLOCK == 0 else None
+    k *= r.values_per_byte  # w's last dimension counts bytes
+    expected = (*lead, n // rows, k // cols) if n % rows == 0 and k % cols == 0 else None
     if expected is None or tuple(s.shape) != expected:
         raise ValueError(f"{name} {tuple(w.shape)} ({weight_format}) has scales of shape {tuple(s.shape)}, "
-                         f"expected {expected} ({'128x128 blocks' if weight_format == 'fp8' else '1x32 groups'})")
+                         f"expected {expected} ({rows}x{cols} {'blocks' if rows > 1 else 'groups'})")
 
 
 def _find_scale(experts: torch.nn.Module, name: str) -> torch.Tensor:
@@ -76,30 +76,28 @@ def _find_scale(experts: torch.nn.Module, name: str) -> torch.Tensor:
                      f"(looked for {[p.format(name) for p in _SCALE_NAMES]})")
 
 
+# (checkpoint format, the recipe's weight format) -> convert one (weight, scale) pair to the latter.
+_CONVERT = {
+    ("dense", "fp8"): lambda w, s: quant.quantize_fp8_blocks(w),
+    ("fp8", "fp8"): lambda w, s: (w, s.float()),
+    # FP4 checkpoint on Hopper: no FP4 tensor cores, expand to FP8 blocks once.
+    ("mxfp4", "fp8"): lambda w, s: quant.mxfp4_to_fp8_blocks(w, _as_e8m0(s)),
+    ("dense", "mxfp4"): lambda w, s: quant.quantize_mxfp4(w),
+    ("mxfp4", "mxfp4"): lambda w, s: (w.view(torch.int8), _as_e8m0(s)),
+    ("fp8", "mxfp4"): lambda w, s: quant.fp8_blocks_to_mxfp4(w, s.float()),
+}
+
+
 def to_recipe(src: KernelWeights, weight_format: str, recipe: str) -> KernelWeights:
     """Convert source weights to the recipe's storage in the plain [gate; up] layout."""
-    if recipe == "none":
-        if weight_format != "dense":
-            raise ValueError(f"recipe 'none' needs dense expert weights, the checkpoint holds {weight_format}")
+    r = recipes.recipe(recipe)
+    if r.weight_dtype is None:  # the weights as the model holds them
+        if weight_format != r.weight_format:
+            raise ValueError(f"recipe {recipe!r} needs {r.weight_format} expert weights, the checkpoint holds "
+                             f"{weight_format}")
         return src
-    pairs = [(src.w1, src.w1_scale), (src.w2, src.w2_scale)]
-    if recipe == "fp8":
-        if weight_format == "dense":
-            out = [quant.quantize_fp8_blocks(w) for w, _ in pairs]
-        elif weight_format == "fp8":
-            out = [(w, s.float()) for w, s in pairs]
-        else:  # FP4 checkpoint on Hopper: no FP4 tensor cores, expand to FP8 blocks once
-            out = [quant.mxfp4_to_fp8_blocks(w, _as_e8m0(s)) for w, s in pairs]
-    elif recipe in ("fp8_fp4", "fp4_fp4"):  # both hold MXFP4 weights; they differ in activations
-        if weight_format == "dense":
-            out = [quant.quantize_mxfp4(w) for w, _ in pairs]
-        elif weight_format == "mxfp4":
-            out = [(w.view(torch.int8), _as_e8m0(s)) for w, s in pairs]
-        else:
-            out = [quant.fp8_blocks_to_mxfp4(w, s.float()) for w, s in pairs]
-    else:
-        raise ValueError(f"unknown recipe {recipe!r}")
-    (w1, s1), (w2, s2) = out
+    convert = _CONVERT[weight_format, r.weight_format]
+    (w1, s1), (w2, s2) = convert(src.w1, src.w1_scale), convert(src.w2, src.w2_scale)
     return KernelWeights(w1, s1, w2, s2)
 
 

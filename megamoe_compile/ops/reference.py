@@ -11,37 +11,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import quant
+from . import quant, recipes
 from .fused_moe import register_kernel, resolve_group
 
-# recipe -> (activation group along K, power-of-two activation scales) of the FP8-activation recipes
-_ACTIVATION_GROUPS = {"fp8": (128, False), "fp8_fp4": (32, True)}
+_DEQUANTIZE = {"fp8": quant.dequantize_fp8_blocks, "mxfp4": quant.dequantize_mxfp4}  # by weight format
 
 
 def expert_weight(w: torch.Tensor, scale: torch.Tensor | None, recipe: str, e: int) -> torch.Tensor:
     """Expert `e`'s weight [N, K] as a float tensor, dequantized from the recipe's storage."""
-    if recipe == "none":
+    r = recipes.recipe(recipe)
+    if r.weight_dtype is None:
         return w[e]
-    if recipe == "fp8":
-        return quant.dequantize_fp8_blocks(w[e], scale[e])
-    if recipe in ("fp8_fp4", "fp4_fp4"):
-        return quant.dequantize_mxfp4(w[e], scale[e])
-    raise ValueError(f"reference kernel: unknown recipe {recipe!r}")
+    return _DEQUANTIZE[r.weight_format](w[e], scale[e])
 
 
 def _activations(x: torch.Tensor, recipe: str, gemm: int) -> torch.Tensor:
     """x as GEMM `gemm` (1 or 2) of the recipe's kernel reads it."""
-    if recipe == "none":
+    r = recipes.recipe(recipe)
+    if r.activation is None:
         return x
-    if recipe == "fp4_fp4":
+    if r.activation == "mxfp4":
         # w4a4: DeepGEMM's pre-dispatch stages the hidden states rounding ties down; the L1
         # epilogue converts the SwiGLU output with the hardware's round-to-nearest-even.
         return quant.fake_quantize_mxfp4_activations(x.float(), ties="down" if gemm == 1 else "even")
-    group, pow2 = _ACTIVATION_GROUPS[recipe]
-    return quant.fake_quantize_fp8_groups(x.float(), group, power_of_two_scale=pow2)
+    return quant.fake_quantize_fp8_groups(x.float(), r.act_group, power_of_two_scale=r.act_pow2)
 
 
-@register_kernel("reference", recipes=("none", "fp8", "fp8_fp4", "fp4_fp4"))
+@register_kernel("reference", recipes=tuple(recipes.RECIPES))
 def reference_fused_moe(
     x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
     recipe, routed_scaling_factor, swiglu_limit, group_name,
@@ -90,7 +86,7 @@ def _local_experts(x, topk_idx, weights, w1, w1_scale, w2, w2_scale, recipe, swi
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if x.shape[0] == 0:
         return out
-    compute_dtype = x.dtype if recipe == "none" else torch.float32
+    compute_dtype = x.dtype if recipes.recipe(recipe).weight_dtype is None else torch.float32
     # One pass per expert that some token picked: only those weights are read (and dequantized).
     for global_e in torch.unique(topk_idx).tolist():
         if not -1 <= global_e < num_experts:  # -1: no expert (padding rows, masked slots)
