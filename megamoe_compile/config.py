@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .ops import recipes
+from .ops.fused_moe import DEFAULT_MAX_TOKENS_PER_RANK
 
 KERNELS = ("auto", "reference", "deepgemm")
 # What each recipe stores and computes: the table in ops/recipes.py ("auto": the kernel's default).
@@ -39,7 +40,7 @@ class MegaMoEConfig:
     inner_backend: str = "inductor"
     # DeepGEMM's symmetric buffer holds this many tokens per rank and call; a larger call fails
     # with a clear error before reaching the kernel.
-    max_tokens_per_rank: int = 8192
+    max_tokens_per_rank: int = DEFAULT_MAX_TOKENS_PER_RANK
     # Drop the original expert weights once the kernel-ready copy exists (saves memory; the
     # unfused eager path of those layers then runs the fused op instead).
     release_original_weights: bool = False

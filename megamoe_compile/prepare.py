@@ -9,7 +9,6 @@ experts module as non-persistent buffers so they move with `model.to()` and stay
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 import warnings
@@ -24,7 +23,7 @@ from . import hf
 from .config import MegaMoEConfig
 from . import experts as megamoe_experts
 from .ops import layouts, recipes
-from .ops.fused_moe import register_source_check
+from .ops.fused_moe import LayerShape, auto_family, get_kernel, pick, register_source_check
 
 log = logging.getLogger("megamoe_compile")
 
@@ -308,62 +307,42 @@ def choose_kernel(config: MegaMoEConfig, spec: hf.MoESpec) -> tuple[str | None, 
 
     Raises UnsupportedLayerError when the user forced a kernel that cannot take the layer.
     """
-    from .ops import deepgemm
-
-    if config.kernel == "reference" or (config.kernel == "auto" and spec.device.type != "cuda"):
-        kernel = "reference"
-        why = ""
-    else:
-        kernel, why = deepgemm.kernel_for(spec)
-        if kernel is None and config.kernel == "deepgemm":
-            raise UnsupportedLayerError(f"{spec.name}: kernel='deepgemm' cannot run this layer: {why}")
-        if kernel is None:
-            return None, None, why
-    recipe = config.recipe if config.recipe != "auto" else default_recipe(kernel, spec)
-    why = recipe_problem(kernel, recipe, spec)
+    family = config.kernel if config.kernel != "auto" else auto_family(spec.device)
+    kernel, why = pick(family, _layer_shape(spec))
+    if kernel is None or why:
+        if config.kernel != "auto":
+            raise UnsupportedLayerError(f"{spec.name}: kernel={config.kernel!r} cannot run this layer: {why}")
+        return None, None, why
+    recipe = config.recipe if config.recipe != "auto" else default_recipe(kernel.name, spec)
+    why = recipe_problem(kernel.name, recipe, spec)
     if why:
         if config.kernel != "auto" or config.recipe != "auto":
             raise UnsupportedLayerError(f"{spec.name}: {why}")
         return None, None, why
-    return kernel, recipe, ""
+    return kernel.name, recipe, ""
 
 
 def default_recipe(kernel: str, spec: hf.MoESpec) -> str:
-    if kernel == "deepgemm_sm90":
-        return "fp8"
-    if kernel == "deepgemm_sm100":
-        return "fp8_fp4"
     # The reference kernel keeps what the checkpoint holds, so it re-quantizes nothing.
-    return {"dense": "none", "fp8": "fp8", "mxfp4": "fp8_fp4"}[spec.weight_format]
+    return get_kernel(kernel).default_recipe(spec.weight_format)
 
 
 def recipe_problem(kernel: str, recipe: str, spec: hf.MoESpec) -> str:
-    from .ops import deepgemm
+    """Why `kernel` cannot run `recipe` on this layer ("" when it can)."""
+    k = get_kernel(kernel)
+    return (k.refuses_recipe(recipe)
+            or recipes.recipe(recipe).problem(spec.weight_format, spec.hidden, spec.intermediate)
+            or k.library_problem(recipe))
 
-    supported = ("none", "fp8", "fp8_fp4", "fp4_fp4") if kernel == "reference" else deepgemm.RECIPES[kernel]
-    if recipe not in supported:
-        hint = ""
-        if recipe in ("fp8_fp4", "fp4_fp4") and kernel == deepgemm.SM90:
-            hint = ("; Hopper has no FP4 tensor cores (its kernel expands FP4 weights to 'fp8'); "
-                    "kernel='reference' emulates this recipe on any device")
-        return f"kernel {kernel} supports recipes {list(supported)}, not {recipe!r}{hint}"
-    if recipe == "none" and spec.weight_format != "dense":
-        return f"recipe 'none' needs dense expert weights; this checkpoint holds {spec.weight_format}"
-    if recipe != "none":
-        block = 128 if recipe == "fp8" else 32
-        for dim, size in (("hidden", spec.hidden), ("moe_intermediate", spec.intermediate)):
-            if size % block:
-                return f"recipe {recipe!r} needs {dim} size a multiple of {block}, got {size}"
-    if kernel in deepgemm.KERNELS:
-        return deepgemm.recipe_problem(kernel, recipe)
-    return ""
+
+def _layer_shape(spec: hf.MoESpec, num_experts: int | None = None) -> LayerShape:
+    return LayerShape(spec.num_experts if num_experts is None else num_experts, spec.hidden, spec.intermediate,
+                      spec.top_k, spec.dtype, spec.device)
 
 
 def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: MegaMoEConfig,
            ep: ExpertParallel | None, previous: dict[str, torch.Tensor] | None = None) -> None:
     previous = previous or {}
-    from .ops import deepgemm
-
     with torch.no_grad():
         source = layouts.source_weights(experts, spec.weight_format)
         if spec.expert_parallel:  # DTensor shards of transformers' EP: this rank's part as it is
@@ -372,11 +351,10 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
         elif plan.local_experts is not None:
             source = source.experts(*plan.local_experts)  # this rank's experts only
         weights = layouts.to_recipe(source, spec.weight_format, plan.recipe)
-        if plan.kernel != "reference":
-            weights = deepgemm.layout_weights(plan.kernel, weights, recipe=plan.recipe)
-            local = dataclasses.replace(spec, num_experts=weights.w1.shape[0])
-            deepgemm.reserve_buffer(plan.kernel, local, config.max_tokens_per_rank,
-                                    group=None if ep is None else ep.group, recipe=plan.recipe)
+        kernel = get_kernel(plan.kernel)
+        weights = kernel.layout(weights, plan.recipe)
+        kernel.reserve(_layer_shape(spec, num_experts=weights.w1.shape[0]), config.max_tokens_per_rank,
+                       None if ep is None else ep.group, plan.recipe)
     if plan.group_name:  # for the opt-in lockstep check: the same layer number on every rank
         from .ops.fused_moe import register_layer
 

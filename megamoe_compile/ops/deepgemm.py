@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from .. import hf
-from .fused_moe import register_kernel
+from . import recipes
+from .fused_moe import DEFAULT_MAX_TOKENS_PER_RANK, Kernel, LayerShape, get_kernel, pick, register
 from .layouts import KernelWeights
 
 log = logging.getLogger("megamoe_compile")
@@ -43,17 +43,13 @@ log = logging.getLogger("megamoe_compile")
 SM90 = "deepgemm_sm90"
 SM100 = "deepgemm_sm100"
 KERNELS = (SM90, SM100)
-# The recipe (weight storage and activation format) each kernel runs by default, the ones it can
-# run, and DeepGEMM's recipe tuple (the same for every recipe of a kernel).
-RECIPE = {SM90: "fp8", SM100: "fp8_fp4"}
-RECIPES = {SM90: ("fp8",), SM100: ("fp8_fp4", "fp4_fp4")}
+FAMILY = "deepgemm"  # what MegaMoEConfig.kernel names
+# DeepGEMM's recipe tuple of each kernel (the same for every recipe it runs). The recipes each
+# kernel runs and its default are its `Kernel` registration (end of this module); what a recipe
+# stores, its activation group and SM100 MMA type, the recipe table (`recipes`). The MMA type:
+# buffer, weight transform and pre-dispatch must agree on it (the buffer's token slots, the L1
+# gate/up interleave and the activation format all depend on it).
 DG_RECIPE = {SM90: (128, 128, 128), SM100: (1, 1, 32)}
-# Activation quantization group of the pre-dispatch (1 x 128 on SM90, 1 x 32 UE8M0 on SM100).
-ACT_GROUP = {SM90: 128, SM100: 32}
-# SM100 MMA type per recipe: FP8 x FP4 (default) or MXFP4 x MXFP4 (w4a4, opt-in). Buffer, weight
-# transform and pre-dispatch must agree on it: the buffer's token slots, the L1 gate/up
-# interleave and the activation format all depend on it.
-MMA_TYPE = {"fp8_fp4": "fp8xfp4", "fp4_fp4": "mxf4xmxf4"}
 
 _TORCH_MATCH = ("sgl-deep-gemm 0.1.4.post1-0.1.5 is built for torch 2.11; "
                 "sgl-deep-gemm 0.2.x for torch >= 2.13")
@@ -218,41 +214,48 @@ def _require_api(kernel: str) -> _Api:
 
 # -- kernel choice and weight layout (load time) ----------------------------------------------
 
-def kernel_for(spec: hf.MoESpec) -> tuple[str | None, str]:
-    """The DeepGEMM kernel for this layer on its device, or (None, why not)."""
-    if spec.device.type != "cuda":
-        return None, f"DeepGEMM kernels need a CUDA GPU; the experts are on {spec.device}"
+_CAPABILITY = {SM90: 9, SM100: 10}  # GPU major version of each kernel
+
+
+def _device_problem(kernel: str, device: torch.device) -> str:
+    """Why `kernel` cannot run on `device` ("" when it can)."""
+    if device.type != "cuda":
+        return f"DeepGEMM kernels need a CUDA GPU; the experts are on {device}"
     if not torch.cuda.is_available():
-        return None, "DeepGEMM kernels need a CUDA GPU; torch.cuda.is_available() is False"
-    major, minor = torch.cuda.get_device_capability(spec.device)
-    if major == 9:
-        kernel = SM90
-    elif major == 10:
-        kernel = SM100
-    else:
-        return None, (f"DeepGEMM MegaMoE needs sm_90 (Hopper) or sm_100 (Blackwell); "
-                      f"this GPU is sm_{major}{minor}")
-    if spec.dtype != torch.bfloat16:
-        return None, f"{kernel} takes bfloat16 activations; this layer runs in {spec.dtype}"
-    for dim, size in (("hidden", spec.hidden), ("moe_intermediate", spec.intermediate)):
+        return "DeepGEMM kernels need a CUDA GPU; torch.cuda.is_available() is False"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != _CAPABILITY[kernel]:
+        return (f"DeepGEMM MegaMoE needs sm_90 (Hopper) or sm_100 (Blackwell); "
+                f"this GPU is sm_{major}{minor}")
+    return ""
+
+
+def _shape_problem(kernel: str, shape: LayerShape) -> str:
+    """Why `kernel`, on a device it runs on, cannot take a layer of `shape` ("" when it can)."""
+    if shape.dtype != torch.bfloat16:
+        return f"{kernel} takes bfloat16 activations; this layer runs in {shape.dtype}"
+    for dim, size in (("hidden", shape.hidden), ("moe_intermediate", shape.intermediate)):
         if size % 128:
-            return None, f"{kernel} needs {dim} size a multiple of 128, got {size}"
-    if kernel == SM100 and spec.hidden % 512:
-        return None, f"{kernel} needs hidden size a multiple of 512 (its pre-dispatch), got {spec.hidden}"
-    api, why = _api(kernel)
-    if api is None:
-        return None, why
-    return kernel, ""
+            return f"{kernel} needs {dim} size a multiple of 128, got {size}"
+    if kernel == SM100 and shape.hidden % 512:
+        return f"{kernel} needs hidden size a multiple of 512 (its pre-dispatch), got {shape.hidden}"
+    return _api(kernel)[1]
+
+
+def kernel_for(shape: LayerShape) -> tuple[str | None, str]:
+    """The DeepGEMM kernel for this layer on its device, or (None, why not)."""
+    kernel, why = pick(FAMILY, shape)
+    return (None, why) if kernel is None or why else (kernel.name, "")
 
 
 def recipe_problem(kernel: str, recipe: str) -> str:
-    """Why the installed deep_gemm cannot run `recipe` (one of `RECIPES[kernel]`, which the caller
+    """Why the installed deep_gemm cannot run `recipe` (one of those `kernel` runs, which the caller
     checked) on `kernel` ("" when it can).
 
     The w4a4 recipe needs a release whose buffer takes `mma_type` and whose pre-dispatch can
     stage FP4 activations (`mma_type`, or 0.1.5's `use_fp4_acts`).
     """
-    if recipe != "fp4_fp4":
+    if recipes.recipe(recipe).activation != "mxfp4":
         return ""
     api, why = _api(kernel)
     if api is None:
@@ -263,7 +266,7 @@ def recipe_problem(kernel: str, recipe: str) -> str:
     if not (api.accepts("pre_dispatch", "mma_type") or api.accepts("pre_dispatch", "use_fp4_acts")):
         missing.append("mega_moe_pre_dispatch(mma_type=... or use_fp4_acts=...)")
     if missing:
-        return (f"recipe 'fp4_fp4' (w4a4, mma_type {MMA_TYPE[recipe]!r}) needs {' and '.join(missing)}, "
+        return (f"recipe {recipe!r} (w4a4, mma_type {recipes.recipe(recipe).mma_type!r}) needs {' and '.join(missing)}, "
                 f"which {api.version} lacks; use recipe 'fp8_fp4' or an sgl-deep-gemm release with FP4 activations")
     return ""
 
@@ -282,13 +285,11 @@ def layout_weights(kernel: str, weights: KernelWeights, recipe: str | None = Non
     """
     if kernel not in KERNELS:
         raise ValueError(f"megamoe: layout_weights: unknown DeepGEMM kernel {kernel!r}; one of {list(KERNELS)}")
-    recipe = recipe or RECIPE[kernel]
-    if recipe not in RECIPES[kernel]:
-        raise ValueError(f"megamoe: {kernel} supports recipes {list(RECIPES[kernel])}, not {recipe!r}")
+    recipe = _kernel_recipe(kernel, recipe)
     api = _require_api(kernel)
     w1, s1, w2, s2 = weights.w1, weights.w1_scale, weights.w2, weights.w2_scale
     if s1 is None or s2 is None:
-        raise ValueError(f"megamoe: {kernel} needs scaled weights (recipe {RECIPE[kernel]!r}); got no scales")
+        raise ValueError(f"megamoe: {kernel} needs scaled weights (recipe {get_kernel(kernel).default!r}); got no scales")
     num_experts, two_i = w1.shape[0], w1.shape[1]
     if kernel == SM90:
         _expect_dtype(kernel, "w1", w1, torch.float8_e4m3fn)
@@ -302,8 +303,17 @@ def layout_weights(kernel: str, weights: KernelWeights, recipe: str | None = Non
     sf1 = api.call("transform_sf", e8m0_to_float32(s1), two_i, hidden, recipe=(1, 32), num_groups=num_experts)
     sf2 = api.call("transform_sf", e8m0_to_float32(s2), hidden, intermediate, recipe=(1, 32), num_groups=num_experts)
     (w1, sf1), (w2, sf2) = api.call("transform_weights", (w1.contiguous(), sf1), (w2.contiguous(), sf2),
-                                    mma_type=MMA_TYPE[recipe])
+                                    mma_type=recipes.recipe(recipe).mma_type)
     return KernelWeights(w1, sf1, w2, sf2)
+
+
+def _kernel_recipe(kernel: str, recipe: str | None) -> str:
+    """`recipe` (None: the kernel's default), refused unless `kernel` runs it."""
+    k = get_kernel(kernel)
+    recipe = recipe or k.default
+    if recipe not in k.recipes:
+        raise ValueError(f"megamoe: {kernel} supports recipes {list(k.recipes)}, not {recipe!r}")
+    return recipe
 
 
 def e8m0_to_float32(e: torch.Tensor) -> torch.Tensor:
@@ -320,7 +330,8 @@ def e8m0_to_float32(e: torch.Tensor) -> torch.Tensor:
 
 def _expect_dtype(kernel: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
     if t.dtype != dtype:
-        raise ValueError(f"megamoe: {kernel} needs {name} in {dtype} (recipe {RECIPE[kernel]!r}), got {t.dtype}")
+        raise ValueError(f"megamoe: {kernel} needs {name} in {dtype} (recipe {get_kernel(kernel).default!r}), "
+                         f"got {t.dtype}")
 
 
 # -- process groups ---------------------------------------------------------------------------
@@ -424,7 +435,7 @@ class BufferKey:
 
     def __post_init__(self):
         if not self.recipe:
-            object.__setattr__(self, "recipe", RECIPE.get(self.kernel, ""))
+            object.__setattr__(self, "recipe", get_kernel(self.kernel).default if self.kernel in KERNELS else "")
 
     def shape(self) -> tuple:
         """Everything but max_tokens: buffers of one shape serve the same layers."""
@@ -435,8 +446,8 @@ class BufferKey:
 _BUFFERS: dict[BufferKey, Any] = {}
 
 
-def reserve_buffer(kernel: str, spec: hf.MoESpec, max_tokens_per_rank: int, group=None, recipe: str | None = None):
-    """Allocate (once) the symmetric buffer `kernel` needs for layers shaped like `spec`.
+def reserve_buffer(kernel: str, shape: LayerShape, max_tokens_per_rank: int, group=None, recipe: str | None = None):
+    """Allocate (once) the symmetric buffer `kernel` needs for layers of `shape`.
 
     Load-time step (`prepare` calls it for every DeepGEMM layer): a collective over `group`
     (default: a private world-size-1 group on the experts' GPU), so it must happen before any
@@ -445,15 +456,13 @@ def reserve_buffer(kernel: str, spec: hf.MoESpec, max_tokens_per_rank: int, grou
     """
     if kernel not in KERNELS:
         return None
-    recipe = recipe or RECIPE[kernel]
-    if recipe not in RECIPES[kernel]:
-        raise ValueError(f"megamoe: {kernel} supports recipes {list(RECIPES[kernel])}, not {recipe!r}")
+    recipe = _kernel_recipe(kernel, recipe)
     if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
         raise ValueError(f"megamoe: max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
     group_name = "" if group is None else register_group(group)
-    group = group_for(group_name, spec.device)
-    key = BufferKey(group_name, _device_index(spec.device), kernel, spec.num_experts * group.size(),
-                    spec.top_k, spec.hidden, spec.intermediate, max_tokens_per_rank, recipe)
+    group = group_for(group_name, shape.device)
+    key = BufferKey(group_name, _device_index(shape.device), kernel, shape.num_experts * group.size(),
+                    shape.top_k, shape.hidden, shape.intermediate, max_tokens_per_rank, recipe)
     return _allocate(key, group)
 
 
@@ -463,7 +472,7 @@ def _allocate(key: BufferKey, group):
         return buffer
     api = _require_api(key.kernel)
     args = (group, key.num_experts, key.max_tokens, key.top_k, key.hidden, key.intermediate)
-    kwargs = {"mma_type": MMA_TYPE[key.recipe]} if key.kernel == SM100 else {}
+    kwargs = {"mma_type": recipes.recipe(key.recipe).mma_type} if key.kernel == SM100 else {}
     with _on_device(key.device_index):
         try:
             buffer = api.call("buffer", *args, **kwargs)
@@ -523,9 +532,7 @@ def _buffers_of_shape(kernel: str, group_name: str, group, x: torch.Tensor, num_
             f"megamoe: {kernel}: no symmetric buffer was reserved for experts={wanted.num_experts} top_k={top_k} "
             f"hidden={hidden} intermediate={intermediate} recipe={recipe}, and one cannot be allocated during "
             f"CUDA-graph capture; run megamoe_compile.prepare(model) (or ops.deepgemm.reserve_buffer) first")
-    from ..config import MegaMoEConfig
-
-    max_tokens = max(tokens, MegaMoEConfig().max_tokens_per_rank)
+    max_tokens = max(tokens, DEFAULT_MAX_TOKENS_PER_RANK)
     log.warning("megamoe: %s: no symmetric buffer reserved for this shape; allocating one for %d tokens "
                 "now. prepare() should reserve it at load time.", kernel, max_tokens)
     key = dataclasses.replace(wanted, max_tokens=max_tokens)
@@ -574,11 +581,12 @@ def _launch_for(kernel: str, recipe: str, x: torch.Tensor, num_local_experts: in
     api = _require_api(kernel)
     group = group_for(group_name, x.device)
     buffers = _buffers_of_shape(kernel, group_name, group, x, num_local_experts, top_k, intermediate, recipe)
-    pre_kwargs = {"group_size": ACT_GROUP[kernel]}
+    r = recipes.recipe(recipe)
+    pre_kwargs = {"group_size": r.act_group}
     if kernel == SM100:  # newer releases take the MMA type, 0.1.x a flag for FP4 activations
         if api.accepts("pre_dispatch", "mma_type"):
-            pre_kwargs["mma_type"] = MMA_TYPE[recipe]
-        elif recipe == "fp4_fp4":
+            pre_kwargs["mma_type"] = r.mma_type
+        elif r.activation == "mxfp4":
             if not api.accepts("pre_dispatch", "use_fp4_acts"):
                 raise RuntimeError(f"megamoe: {kernel}: {recipe_problem(kernel, recipe)}")
             pre_kwargs["use_fp4_acts"] = True
@@ -599,8 +607,9 @@ def _launch_for(kernel: str, recipe: str, x: torch.Tensor, num_local_experts: in
 
 def _run(kernel: str, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
          recipe, routed_scaling_factor, swiglu_limit, group_name):
-    if recipe not in RECIPES[kernel]:
-        raise ValueError(f"megamoe: {kernel} takes recipes {list(RECIPES[kernel])}, got {recipe!r}")
+    runs = get_kernel(kernel).recipes
+    if recipe not in runs:
+        raise ValueError(f"megamoe: {kernel} takes recipes {list(runs)}, got {recipe!r}")
     if x.dtype != torch.bfloat16:
         raise TypeError(f"megamoe: {kernel} takes bfloat16 activations, got {x.dtype}")
     if w1_scale is None or w2_scale is None:
@@ -625,7 +634,6 @@ def _run(kernel: str, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
     return y
 
 
-@register_kernel(SM90, recipes=RECIPES[SM90])
 def deepgemm_sm90(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
                   recipe, routed_scaling_factor, swiglu_limit, group_name):
     """Hopper: pre-dispatch (FP8 1x128 activations, routed scaling folded) + `fp8_mega_moe`."""
@@ -633,10 +641,30 @@ def deepgemm_sm90(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
                 routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit, group_name=group_name)
 
 
-@register_kernel(SM100, recipes=RECIPES[SM100])
 def deepgemm_sm100(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
                    recipe, routed_scaling_factor, swiglu_limit, group_name):
     """Blackwell: pre-dispatch (FP8, or with recipe "fp4_fp4" MXFP4, 1x32 UE8M0 activations) +
     `fp8_fp4_mega_moe` on MXFP4 weights."""
     return _run(SM100, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
                 routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit, group_name=group_name)
+
+
+# Said when a recipe with FP4 weights is asked of the Hopper kernel.
+_NO_FP4_ON_HOPPER = ("; Hopper has no FP4 tensor cores (its kernel expands FP4 weights to 'fp8'); "
+                     "kernel='reference' emulates this recipe on any device")
+
+
+def _register(kernel: str, run, kernel_recipes: tuple[str, ...], **facts) -> None:
+    register(Kernel(kernel, run, kernel_recipes, default=kernel_recipes[0], family=FAMILY, auto_on=("cuda",),
+                    device_problem=functools.partial(_device_problem, kernel),
+                    shape_problem=functools.partial(_shape_problem, kernel),
+                    library_problem=functools.partial(recipe_problem, kernel),
+                    layout=functools.partial(layout_weights, kernel),
+                    reserve=functools.partial(reserve_buffer, kernel), **facts))
+
+
+# In order of preference: the family's first kernel that runs on a layer's device takes it.
+# SM90 keeps the plain scale grid; SM100's scales are DeepGEMM's packed layout.
+_register(SM90, deepgemm_sm90, ("fp8",), plain_scales=True,
+          hints={r.name: _NO_FP4_ON_HOPPER for r in recipes.RECIPES.values() if r.values_per_byte == 2})
+_register(SM100, deepgemm_sm100, ("fp8_fp4", "fp4_fp4"), plain_scales=False)

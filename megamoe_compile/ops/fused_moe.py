@@ -3,33 +3,121 @@
 One call computes a whole routed-experts MoE layer for the tokens of this rank:
 dispatch -> FFN1 -> clamped SwiGLU -> FFN2 -> weighted combine. The graph pass emits this op;
 which implementation runs is named by its `kernel` argument, fixed when `prepare` built the
-weights for that kernel (their layout depends on it). Kernels register themselves here by name.
+weights for that kernel (their layout depends on it). Kernels register themselves here as
+`Kernel` objects: what they run, and what prepare asks of them (can it take this layer, which
+recipe, its weight layout, its buffers).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from . import recipes
+from .layouts import KernelWeights
 
-# name -> implementation(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *, recipe,
-#                        routed_scaling_factor, swiglu_limit, group_name) -> Tensor
-_KERNELS: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-# name -> the recipes that kernel runs
-_KERNEL_RECIPES: dict[str, tuple[str, ...]] = {}
+# Tokens per rank and call a kernel's buffers hold unless told otherwise (MegaMoEConfig's default).
+DEFAULT_MAX_TOKENS_PER_RANK = 8192
 
 
-def register_kernel(name: str, recipes: tuple[str, ...]):
-    """Decorator: make `fn` the implementation behind ``fused_moe(..., kernel=name)`` for `recipes`."""
+@dataclass(frozen=True)
+class LayerShape:
+    """What a kernel needs to know of one MoE layer to say whether it can take it."""
+
+    num_experts: int  # held by this process
+    hidden: int
+    intermediate: int
+    top_k: int
+    dtype: torch.dtype  # of the activations
+    device: torch.device
+
+
+def _runs_anywhere(device: torch.device) -> str:
+    return ""
+
+
+def _takes_any_shape(shape: LayerShape) -> str:
+    return ""
+
+
+def _no_library_limit(recipe: str) -> str:
+    return ""
+
+
+def _plain_layout(weights: KernelWeights, recipe: str) -> KernelWeights:
+    return weights
+
+
+def _no_buffer(shape: LayerShape, max_tokens_per_rank: int, group: Any, recipe: str) -> None:
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    """One implementation behind ``fused_moe(..., kernel=name)`` and what prepare asks of it."""
+
+    name: str
+    # run(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *, recipe, routed_scaling_factor,
+    #     swiglu_limit, group_name) -> Tensor
+    run: Callable[..., torch.Tensor]
+    recipes: tuple[str, ...]
+    # The recipe it runs unless told; None: the one that keeps the checkpoint's format (`recipes.keeping`).
+    default: str | None = None
+    family: str = ""  # what MegaMoEConfig.kernel names ("" = the kernel's own name)
+    # Device types on which MegaMoEConfig(kernel="auto") picks this kernel's family; () = every
+    # type no registered kernel claims.
+    auto_on: tuple[str, ...] = ()
+    # Whether its weight scales are the recipe's plain grid (else its own layout, unchecked).
+    plain_scales: bool = True
+    # Why it cannot run on a device (type, GPU capability), "" when it can; the family picks by it.
+    device_problem: Callable[[torch.device], str] = _runs_anywhere
+    # Why it cannot take a layer beyond its device (activation dtype, size multiples, library).
+    shape_problem: Callable[[LayerShape], str] = _takes_any_shape
+    hints: Mapping[str, str] = field(default_factory=dict)  # recipe -> added to "supports recipes"
+    library_problem: Callable[[str], str] = _no_library_limit  # why the installed library cannot run a recipe
+    # layout(weights in the recipe's plain layout, recipe) -> the kernel's own (load time).
+    layout: Callable[[KernelWeights, str], KernelWeights] = _plain_layout
+    # reserve(shape, max_tokens_per_rank, process group or None, recipe): buffers (load time).
+    reserve: Callable[[LayerShape, int, Any, str], Any] = _no_buffer
+
+    def __post_init__(self):
+        object.__setattr__(self, "recipes", tuple(self.recipes))
+        object.__setattr__(self, "family", self.family or self.name)
+        for name in (*self.recipes, *([self.default] if self.default else [])):
+            recipes.recipe(name)
+
+    def default_recipe(self, weight_format: str) -> str:
+        return self.default or recipes.keeping(weight_format)
+
+    def refuses(self, shape: LayerShape) -> str:
+        """Why it cannot take a layer of this shape on this device ("" when it can)."""
+        return self.device_problem(shape.device) or self.shape_problem(shape)
+
+    def refuses_recipe(self, recipe: str) -> str:
+        """Why it does not run `recipe` at all ("" when it does); see also `library_problem`."""
+        if recipe in self.recipes:
+            return ""
+        return f"kernel {self.name} supports recipes {list(self.recipes)}, not {recipe!r}{self.hints.get(recipe, '')}"
+
+
+_KERNELS: dict[str, Kernel] = {}
+
+
+def register(kernel: Kernel) -> Kernel:
+    """Make `kernel` the implementation behind ``fused_moe(..., kernel=kernel.name)``."""
+    _KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def register_kernel(name: str, recipes: tuple[str, ...], **facts: Any):
+    """Decorator: register `fn` as the kernel `name` for `recipes` (other `Kernel` fields by keyword)."""
 
     def wrap(fn):
-        _KERNELS[name] = fn
-        _KERNEL_RECIPES[name] = tuple(recipes)
+        register(Kernel(name, fn, recipes, **facts))
         return fn
 
     return wrap
@@ -37,6 +125,32 @@ def register_kernel(name: str, recipes: tuple[str, ...]):
 
 def kernel_names() -> tuple[str, ...]:
     return tuple(_KERNELS)
+
+
+def get_kernel(name: str) -> Kernel:
+    try:
+        return _KERNELS[name]
+    except KeyError:
+        raise ValueError(f"megamoe.fused_moe: unknown kernel {name!r}; registered: {sorted(_KERNELS)}") from None
+
+
+def auto_family(device: torch.device) -> str:
+    """The family MegaMoEConfig(kernel="auto") uses on `device`: the first registered one that
+    claims its device type, else the first that claims none."""
+    claimed = [k for k in _KERNELS.values() if device.type in k.auto_on]
+    return (claimed or [k for k in _KERNELS.values() if not k.auto_on])[0].family
+
+
+def pick(family: str, shape: LayerShape) -> tuple[Kernel | None, str]:
+    """The first registered kernel of `family` that runs on the layer's device, and why it cannot
+    take the layer ("" when it can); (None, why) when none runs on that device."""
+    members = [k for k in _KERNELS.values() if k.family == family]
+    if not members:
+        raise ValueError(f"megamoe: no kernel of family {family!r} is registered (kernels: {sorted(_KERNELS)})")
+    for k in members:
+        if not k.device_problem(shape.device):
+            return k, k.shape_problem(shape)
+    return None, members[0].device_problem(shape.device)
 
 
 @torch.library.custom_op("megamoe::fused_moe", mutates_args=())
@@ -70,7 +184,7 @@ def fused_moe(
     """
     w1, w1_scale, w2, w2_scale = check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale,
                                                  kernel, recipe)
-    impl = _KERNELS[kernel]
+    impl = _KERNELS[kernel].run
     _check_fresh(w1)
 
     if group_name and group_name in _STEP_CHECKS:
@@ -220,16 +334,14 @@ def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kerne
     """Every argument against the documented shapes and the recipe's storage (the real and the
     fake implementation both call this). Returns the weights viewed in the recipe's dtypes (the
     kernel-ready copies are kept as integer bits, see `recipes`)."""
-    if kernel not in _KERNELS:
-        raise ValueError(f"megamoe.fused_moe: unknown kernel {kernel!r}; registered: {sorted(_KERNELS)}")
+    k = get_kernel(kernel)
     r = recipes.recipe(recipe)
     for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights), ("w1", w1), ("w1_scale", w1_scale),
                     ("w2", w2), ("w2_scale", w2_scale)):
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"megamoe.fused_moe: {name} is on {t.device}, x on {x.device}")
-    if recipe not in _KERNEL_RECIPES[kernel]:
-        raise ValueError(f"megamoe.fused_moe: kernel {kernel} takes recipes {list(_KERNEL_RECIPES[kernel])}, "
-                         f"got {recipe!r}")
+    if recipe not in k.recipes:
+        raise ValueError(f"megamoe.fused_moe: kernel {kernel} takes recipes {list(k.recipes)}, got {recipe!r}")
     _check_common(x, topk_idx, topk_weights)
     for name, w in (("w1", w1), ("w2", w2)):
         if not isinstance(w, torch.Tensor) or w.dim() != 3:
@@ -266,10 +378,10 @@ def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kerne
             raise ValueError(f"megamoe.fused_moe: recipe {recipe!r} needs {name}")
         torch._check(s.dim() >= 1 and s.shape[0] == w.shape[0], lambda: (
             f"megamoe.fused_moe: {name} {tuple(s.shape)} must lead with the {w.shape[0]} experts"))
-        if kernel in ("reference", "deepgemm_sm90"):  # the plain scale grid (SM90 keeps it as it is)
+        if k.plain_scales:
             rows, cols = r.scale_block
             grid = (w.shape[0], w.shape[1] // rows, w.shape[2] * per_byte // cols)
-            if r.scale_dtype == torch.uint8 and s.dtype not in (torch.uint8, torch.int8) and \
+            if r.ue8m0_scales and s.dtype not in (torch.uint8, torch.int8) and \
                     s.dtype != getattr(torch, "float8_e8m0fnu", None):
                 raise ValueError(f"megamoe.fused_moe: recipe {recipe!r} takes UE8M0 {name} (uint8), got {s.dtype}")
             if r.scale_dtype == torch.float32 and s.dtype != torch.float32:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import megamoe_compile as mc
 from megamoe_compile.ops import deepgemm, quant
+from megamoe_compile.ops.fused_moe import get_kernel
 from megamoe_compile.ops.layouts import KernelWeights
 
 from gpu_helpers import cos_diff, deepgemm_kernel_or_skip, ids, v4_model
@@ -83,7 +84,7 @@ class Layer:
     def __call__(self, x, topk_idx, topk_weights):
         r = self.ready
         return torch.ops.megamoe.fused_moe(x, topk_idx, topk_weights, r.w1, r.w1_scale, r.w2, r.w2_scale,
-                                           self.kernel, deepgemm.RECIPE[self.kernel], SCALE, LIMIT, "")
+                                           self.kernel, get_kernel(self.kernel).default, SCALE, LIMIT, "")
 
 
 def routing(tokens: int, experts: int, top_k: int, seed: int):
@@ -220,11 +221,11 @@ def test_model_compiled_matches_eager_and_fuses_every_layer(deepgemm_kernel, fre
     # Against the reference kernel emulating the same recipe (the same quantization of the same
     # weights, re-prepared; the backend never re-plans): the kernel's own error only.
     torch._dynamo.reset()
-    emulation = mc.MegaMoEConfig(kernel="reference", recipe=deepgemm.RECIPE[deepgemm_kernel], inner_backend="eager")
+    emulation = mc.MegaMoEConfig(kernel="reference", recipe=get_kernel(deepgemm_kernel).default, inner_backend="eager")
     mc.prepare(model, emulation)
     emulated = torch.compile(model, backend=mc.backend(emulation))(tokens).logits
     diff_emulated = cos_diff(out, emulated)
-    print(f"[model] megamoe ({deepgemm_kernel}) vs reference-kernel {deepgemm.RECIPE[deepgemm_kernel]} emulation: "
+    print(f"[model] megamoe ({deepgemm_kernel}) vs reference-kernel {get_kernel(deepgemm_kernel).default} emulation: "
           f"diff {diff_emulated:.2e}")
     # Not bit-matching: both quantize activations to FP8, with different rounding points, and the
     # random 4-layer model amplifies that noise (each op alone is ~1e-3 off float32, see above).
