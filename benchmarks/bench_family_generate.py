@@ -18,7 +18,7 @@ random weights initialised directly on the GPU. Variants, one after another on t
 
 Per (variant, batch): one warm-up generate() (compilation: transformers compiles the decode step
 once per batch size with the static cache; the prefill runs uncompiled), then a timed
-generate(max_new_tokens=1) (time to first token: the prefill) and a timed full generate(). Decode
+generate(max_new_tokens=1) (time to first token: the prefill; best of two) and a timed full generate(). Decode
 ms/step = (full - first token) / (new_tokens - 1); decode tokens/s = batch / step. Targets printed:
 static_megamoe >= 3x static_inductor decode tokens/s at batch >= 32, and >= 1x at batch 1.
 --time-budget: cases that would likely not finish before it are skipped and recorded as such (a
@@ -226,7 +226,8 @@ def main() -> int:
                 torch._dynamo.utils.counters.clear()
                 _, warm = generate(model, prompts[batch], args.new_tokens, variant, config, device)
                 fusions = torch._dynamo.utils.counters["megamoe"]["fused_moe"]
-                _, ttft = generate(model, prompts[batch], 1, variant, config, device)
+                # Time to first token: the prefill (uncompiled) + one sampling step; best of two.
+                ttft = min(generate(model, prompts[batch], 1, variant, config, device)[1] for _ in range(2))
                 out, full = generate(model, prompts[batch], args.new_tokens, variant, config, device)
                 generated = out[:, args.prompt:]
                 step = (full - ttft) / (args.new_tokens - 1)
