@@ -89,6 +89,7 @@ class MegaMoEBackend:
         original = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if self._run_original else None
         fusions = self._fuse(gm)
         self.graphs.append(CompiledGraph(gm, fusions))
+        _trace_artifacts(gm, fusions)
         if original is not None:
             remove_markers(original)
             original.recompile()
@@ -101,7 +102,7 @@ class MegaMoEBackend:
         unprepared = unprepared_moe_blocks(gm.graph)
         if self.config is not None:
             for block in prepared_blocks(gm.graph):
-                plan = block.experts._megamoe_plan
+                plan = prep.plan_of(block)
                 if plan.config is not None and plan.config.plan_key() != self.config.plan_key():
                     differ = [f.name for f in dataclasses.fields(MegaMoEConfig) if f.name not in COMPILE_FIELDS
                               and getattr(plan.config, f.name) is not getattr(self.config, f.name)
@@ -111,7 +112,7 @@ class MegaMoEBackend:
                                      "mc.compile(model, config), or pass only options={'inner_backend': ...}")
         fusions = fuse_moe_layers(gm)
         for name in unprepared:
-            fusions.append(LayerFusion(name, hf.layer_index(name), False, reason=NOT_PREPARED))
+            fusions.append(LayerFusion(name, False, reason=NOT_PREPARED))
         if unprepared:
             _warn_once(unprepared, f"{len(unprepared)} DeepSeek-V4 MoE layer(s) in this graph were not prepared and "
                        "stay unfused; call mc.prepare(model, config) before torch.compile (or use mc.compile(model, "
@@ -124,6 +125,24 @@ class MegaMoEBackend:
     @property
     def fusions(self) -> list[LayerFusion]:
         return [f for g in self.graphs for f in g.fusions]
+
+
+def _trace_artifacts(gm: fx.GraphModule, fusions: list[LayerFusion]) -> None:
+    """The per-layer report and the rewritten graph as structured-trace artifacts (TORCH_TRACE /
+    tlparse show them beside dynamo's own graphs for the same compile id). Costs nothing when
+    structured tracing is off."""
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": "megamoe_fusion_report", "encoding": "json"},
+                     payload_fn=lambda: [fusion_record(f) for f in fusions])
+    trace_structured("artifact", metadata_fn=lambda: {"name": "megamoe_rewritten_graph", "encoding": "string"},
+                     payload_fn=lambda: gm.print_readable(print_output=False))
+
+
+def fusion_record(f: LayerFusion) -> dict[str, Any]:
+    """One layer of the fusion report as plain data (JSON)."""
+    return {"name": f.name, "layer": f.layer_index, "fused": f.fused, "reason": f.reason,
+            "traced_as": f.traced_as, "kernel": f.kernel, "recipe": f.recipe, "notes": f.notes}
 
 
 def backend(config: MegaMoEConfig | None = None, **fields: Any) -> MegaMoEBackend:
@@ -156,7 +175,7 @@ def _warn_once(keys: list[str], message: str) -> None:
 def _prepared_config(gm: fx.GraphModule) -> MegaMoEConfig | None:
     """The config `prepare` used for the MoE blocks of this graph."""
     for block in prepared_blocks(gm.graph):
-        return block.experts._megamoe_plan.config
+        return prep.plan_of(block).config
     return None
 
 
@@ -169,7 +188,7 @@ def compile(model: torch.nn.Module, config: MegaMoEConfig | None = None, **compi
     if "backend" in compile_kwargs:
         raise ValueError("megamoe.compile: the backend is megamoe's; pass compile_kwargs other than backend")
     prep.prepare(model, config)
-    return torch.compile(model, backend=MegaMoEBackend(config or model._megamoe_config), **compile_kwargs)
+    return torch.compile(model, backend=MegaMoEBackend(config or prep.prepared_config(model)), **compile_kwargs)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None,

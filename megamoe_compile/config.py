@@ -110,9 +110,10 @@ class MegaMoEConfig:
         return True, ""
 
     def plan_key(self) -> tuple:
-        """The fields that decide prepare's per-layer plans and weights (not how the rest compiles)."""
+        """The fields that decide prepare's per-layer plans and weights: not how the rest compiles
+        (inner_backend), nor the buffer size (max_tokens_per_rank only reserves a buffer)."""
         return (self.kernel, self.recipe, self.skip_layers, self.include, self.exclude, id(self.filter_fn),
-                self.max_tokens_per_rank, self.release_original_weights, self.ep_mode, id(self.ep_group))
+                self.release_original_weights, self.ep_mode, id(self.ep_group))
 
     def replace(self, **changes: Any) -> MegaMoEConfig:
         return dataclasses.replace(self, **changes)

@@ -21,48 +21,37 @@ import inspect
 
 import torch
 
+from . import prepare
+
 IMPLEMENTATION = "megamoe"
 
 
 def megamoe_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    plan = self._megamoe_plan
+    plan = prepare.plan_of(self)
     if plan.eager_fused:
-        w1, w1_scale, w2, w2_scale = kernel_ready(self)
         # The router already applied routed_scaling_factor to these weights.
-        return torch.ops.megamoe.fused_moe(
-            hidden_states, top_k_index.to(torch.int32), top_k_weights.to(torch.float32),
-            w1, w1_scale, w2, w2_scale, kernel=plan.kernel, recipe=plan.recipe,
-            routed_scaling_factor=1.0, swiglu_limit=getattr(self, "limit", None),
-            group_name=plan.group_name, shared_batch=plan.shared_batch,
-        )
+        args, kwargs = prepare.fused_call(plan, hidden_states, top_k_index.to(torch.int32),
+                                          top_k_weights.to(torch.float32), prepare.kernel_ready(self),
+                                          getattr(self, "limit", None))
+        return torch.ops.megamoe.fused_moe(*args, **kwargs)
     if torch.compiler.is_compiling():
-        w1, w1_scale, w2, w2_scale = kernel_ready(self)
-        torch.ops.megamoe.prepared_weights(w1, w1_scale, w2, w2_scale, plan.kernel, plan.recipe,
-                                           plan.group_name, plan.shared_batch, plan.generation)
+        torch.ops.megamoe.prepared_weights(*prepare.kernel_ready(self), *prepare.marker_constants(plan))
         implementation = plan.spec.traced_base
     else:
         implementation = plan.spec.experts_implementation
-    return _implementation(self, implementation)(self, hidden_states, top_k_index, top_k_weights)
+    return _implementation(self, plan, implementation)(self, hidden_states, top_k_index, top_k_weights)
 
 
-def kernel_ready(experts: torch.nn.Module):
-    """(w1, w1_scale, w2, w2_scale) the fused op takes for `experts`: prepare's kernel-ready
-    buffers, or the module's own weights where the recipe keeps them as they are."""
-    w1 = getattr(experts, "megamoe_w1", None)
-    if w1 is None:
-        return experts.gate_up_proj, None, experts.down_proj, None
-    return w1, getattr(experts, "megamoe_w1_scale", None), experts.megamoe_w2, getattr(experts, "megamoe_w2_scale", None)
-
-
-def _implementation(experts: torch.nn.Module, name: str | None):
+def _implementation(experts: torch.nn.Module, plan, name: str | None):
     if name in (None, "eager"):
         # The class's own forward, under every `use_experts_implementation` wrapper.
         return inspect.unwrap(type(experts).forward)
-    return _INTERFACES[experts._megamoe_plan.spec.experts_class][name]
+    # transformers' fine-grained FP8 experts dispatch through their own interface; all others share one.
+    return _INTERFACES.get(plan.spec.experts_class, _INTERFACES["dense"])[name]
 
 
-# experts class name -> the transformers `ExpertsInterface` its forward dispatches through. Filled
+# "dense" or an experts class name -> the transformers `ExpertsInterface` its forward dispatches through. Filled
 # by `register()` at prepare time, so that a traced forward imports nothing (dynamo cannot trace
 # an import of transformers' lazy modules on every torch release).
 _INTERFACES: dict[str, object] = {}
@@ -74,7 +63,7 @@ def register() -> None:
     from . import hf
 
     ExpertsInterface.register(IMPLEMENTATION, megamoe_experts_forward)
-    _INTERFACES["DeepseekV4Experts"] = ALL_EXPERTS_FUNCTIONS
+    _INTERFACES["dense"] = ALL_EXPERTS_FUNCTIONS
     fp8 = hf.fp8_integration()
     if fp8 is not None and hasattr(fp8, "FP8ExpertsInterface"):
         fp8.FP8ExpertsInterface.register(IMPLEMENTATION, megamoe_experts_forward)

@@ -8,24 +8,72 @@ import torch
 
 from .backend import CompiledGraph, MegaMoEBackend
 from .config import MegaMoEConfig
-from .prepare import LayerPlan, layer_plans, prepare
+from .prepare import LayerPlan, layer_plans, prepare, prepared_config
 
 
 @dataclass
 class LayerReport:
-    index: int | None
-    name: str
+    """One MoE layer: what prepare planned (`plan`) and what the pass did with it; the rest of
+    the fields are read from the plan."""
+
+    plan: LayerPlan = field(repr=False)
     fused: bool
     reason: str
-    router: str  # e.g. "top-k sqrtsoftplus +bias, k=6, scale 1.5" / "hash sqrtsoftplus, k=6"
-    experts: str  # "E x H x I"
     traced_as: str | None
-    kernel: str | None
-    recipe: str | None
-    original_bytes: int
-    prepared_bytes: int
-    released: bool
-    notes: list[str] = field(default_factory=list)
+
+    @property
+    def index(self) -> int | None:
+        return self.plan.layer_index
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def router(self) -> str:
+        """e.g. "top-k sqrtsoftplus k=6 x1.5" or "hash sqrtsoftplus k=6 x1.5"."""
+        spec = self.plan.spec
+        if spec is None:
+            return "?"
+        if spec.router == "graph":  # another family's router: graph code, not part of the fused region
+            return f"{spec.family} {spec.router_kind} k={spec.top_k}"
+        kind = "top-k" if spec.router == "topk" else "hash"
+        return f"{kind} {spec.scoring_func} k={spec.top_k} x{spec.routed_scaling_factor:g}"
+
+    @property
+    def experts(self) -> str:
+        """"E x H x I"."""
+        spec = self.plan.spec
+        return f"{spec.num_experts}x{spec.hidden}x{spec.intermediate}" if spec else "?"
+
+    @property
+    def activation(self) -> str:
+        """"swiglu" or "clamped_swiglu" (DeepSeek-V4's, limit from the model)."""
+        return self.plan.spec.activation if self.plan.spec else "?"
+
+    @property
+    def kernel(self) -> str | None:
+        return self.plan.kernel if self.fused else None
+
+    @property
+    def recipe(self) -> str | None:
+        return self.plan.recipe if self.fused else None
+
+    @property
+    def original_bytes(self) -> int:
+        return self.plan.original_bytes
+
+    @property
+    def prepared_bytes(self) -> int:
+        return self.plan.prepared_bytes
+
+    @property
+    def released(self) -> bool:
+        return self.plan.released
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.plan.notes)
 
 
 @dataclass
@@ -47,10 +95,11 @@ class MoEReport:
         return [g.code for g in self.graphs]
 
     def __str__(self) -> str:
-        rows = [("layer", "module", "router", "experts ExHxI", "traced as", "fused", "kernel/recipe", "reason / notes")]
+        rows = [("layer", "module", "router", "experts ExHxI", "activation", "traced as", "fused", "kernel/recipe",
+                 "reason / notes")]
         for r in self.layers:
             rows.append((
-                "-" if r.index is None else str(r.index), r.name, r.router, r.experts, r.traced_as or "-",
+                "-" if r.index is None else str(r.index), r.name, r.router, r.experts, r.activation, r.traced_as or "-",
                 "yes" if r.fused else "no",
                 f"{r.kernel}/{r.recipe}" if r.fused else "-",
                 "; ".join([r.reason] if r.reason else r.notes),
@@ -84,39 +133,20 @@ def explain(model: torch.nn.Module, *args, config: MegaMoEConfig | None = None, 
         prepare(model, config)
     elif not layer_plans(model):  # never prepared (as a whole or by parts): the default plan
         prepare(model, MegaMoEConfig())
-    config = config or getattr(model, "_megamoe_config", None) or _first_config(model) or MegaMoEConfig()
+    config = config or prepared_config(model) or MegaMoEConfig()
     be = MegaMoEBackend(config, run_original=True)
     with torch.no_grad():
         torch.compile(model, backend=be)(*args, **kwargs)
     return MoEReport(_layer_reports(layer_plans(model), be), be.graphs)
 
 
-def _first_config(model: torch.nn.Module) -> MegaMoEConfig | None:
-    return next((plan.config for plan in layer_plans(model)), None)
-
-
 def _layer_reports(plans: list[LayerPlan], be: MegaMoEBackend) -> list[LayerReport]:
     by_name = {f.name: f for f in be.fusions}
     reports = []
     for plan in plans:
-        spec = plan.spec
         fusion = by_name.get(plan.name)
         if fusion is None:
-            fused, reason = False, plan.reason or "not in any compiled graph"
+            reports.append(LayerReport(plan, False, plan.reason or "not in any compiled graph", None))
         else:
-            fused, reason = fusion.fused, fusion.reason
-        reports.append(LayerReport(
-            index=plan.layer_index, name=plan.name, fused=fused, reason=reason,
-            router=_router_text(spec) if spec else "?",
-            experts=f"{spec.num_experts}x{spec.hidden}x{spec.intermediate}" if spec else "?",
-            traced_as=fusion.traced_as if fusion else None,
-            kernel=plan.kernel if fused else None, recipe=plan.recipe if fused else None,
-            original_bytes=plan.original_bytes, prepared_bytes=plan.prepared_bytes, released=plan.released,
-            notes=list(plan.notes),
-        ))
+            reports.append(LayerReport(plan, fusion.fused, fusion.reason, fusion.traced_as))
     return reports
-
-
-def _router_text(spec) -> str:
-    kind = "top-k" if spec.router == "topk" else "hash"
-    return f"{kind} {spec.scoring_func} k={spec.top_k} x{spec.routed_scaling_factor:g}"

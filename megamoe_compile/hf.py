@@ -48,13 +48,17 @@ TRACEABLE_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
 # module a quantized checkpoint's experts become. The pass knows the traced code of its grouped_mm
 # forward (`fp8_grouped_mm_experts_forward`); "eager" is traced through it like the dense class.
 FP8_EXPERTS_CLASS = "FP8Experts"
+# Where `use_experts_implementation` defines the forward it wraps experts classes with.
+_EXPERTS_INTERFACE_FILE = "transformers/integrations/moe.py"
 FP8_TRACEABLE_IMPLEMENTATIONS = ("grouped_mm",)
 # The kernels' FP8 weight blocks; FP8Experts' `block_size` and scale grids must be these.
 FP8_BLOCK = (128, 128)
 MXFP4_GROUP = 32
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 # Said when a model has no MoE layer we recognise.
-RECOGNISED_FAMILIES = "recognised: DeepSeek-V4 (DeepseekV4SparseMoeBlock, dense or FP8Experts experts)"
+RECOGNISED_FAMILIES = ("recognised: DeepSeek-V4 (DeepseekV4SparseMoeBlock) and every MoE block whose experts run "
+                       "through transformers' experts interface (Qwen-MoE, DeepSeek-V2/V3, GLM-4.5, MiniMax-M2, Mixtral, "
+                       "OLMoE, ...), dense or FP8Experts")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -88,17 +92,19 @@ def is_fp8_experts(experts: torch.nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class MoESpec:
-    """The facts of one `DeepseekV4SparseMoeBlock` that decide how (and whether) it is fused."""
+    """The facts of one MoE block that decide how (and whether) it is fused."""
 
     name: str
     layer_index: int | None
-    router: str  # "topk" | "hash"
-    scoring_func: str
+    # DeepSeek-V4 blocks: "topk" | "hash", a router the pass checks op by op. Other families:
+    # "graph", a router that stays ordinary graph code; the op takes whatever ids/weights it made.
+    router: str
+    scoring_func: str | None  # DeepSeek-V4 only
     top_k: int
     num_experts: int
     hidden: int
     intermediate: int
-    routed_scaling_factor: float
+    routed_scaling_factor: float | None  # DeepSeek-V4 only (other routers apply theirs in the graph)
     swiglu_limit: float | None
     experts_implementation: str
     weight_format: str  # "dense" | "fp8" | "mxfp4": how the checkpoint stores the experts
@@ -113,6 +119,13 @@ class MoESpec:
     # in mesh order. `num_experts` is then this rank's count, `last - first`.
     ep_experts: tuple[int, int] | None = None
     ep_ranks: tuple[int, ...] = ()
+    family: str = "deepseek_v4"  # transformers' model type, e.g. "qwen3_moe"
+    router_kind: str = ""  # for the report, e.g. "softmax", "sigmoid+bias grouped"
+
+    @property
+    def activation(self) -> str:
+        """"clamped_swiglu" (silu(gate.clamp(max=l)) * up.clamp(-l, l)) or "swiglu" (silu(gate) * up)."""
+        return "swiglu" if self.swiglu_limit is None else "clamped_swiglu"
 
     @property
     def traced_base(self) -> str:
@@ -126,11 +139,60 @@ class MoESpec:
         return "fp8_" + self.traced_base if self.experts_class == FP8_EXPERTS_CLASS else self.traced_base
 
 
-def find_moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def is_experts_interface(experts) -> bool:
+    """Whether `experts` runs through transformers' experts interface (`@use_experts_implementation`:
+    stacked 3-D expert weights, forward picked by `config._experts_implementation`), or is
+    transformers' fine-grained FP8 experts, which does too."""
+    cls = experts if isinstance(experts, type) else type(experts)
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    # The decorator's dispatching forward (functools.wraps copies the name, not the code).
+    return (code is not None and code.co_filename.replace("\\", "/").endswith(_EXPERTS_INTERFACE_FILE)) or \
+        cls.__name__ == FP8_EXPERTS_CLASS
+
+
+def block_part_suffix(cls: type) -> str | None:
+    """For a module class met in dynamo's `nn_module_stack`: its path suffix within a MoE block
+    ("" for a DeepSeek-V4 block, ".gate" for its routers, ".experts" for any experts-interface
+    class), or None for other classes. The pass names blocks prepare never planned this way."""
     m = v4_classes()
-    if m is None:
-        return []
-    return [(n, mod) for n, mod in model.named_modules() if isinstance(mod, m.DeepseekV4SparseMoeBlock)]
+    if m is not None:
+        if cls is m.DeepseekV4SparseMoeBlock:
+            return ""
+        if cls in (m.DeepseekV4HashRouter, m.DeepseekV4TopKRouter):
+            return ".gate"
+    return ".experts" if isinstance(cls, type) and is_experts_interface(cls) else None
+
+
+def find_moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, block) of every MoE block: a DeepSeek-V4 `DeepseekV4SparseMoeBlock`, or any module whose
+    `experts` child runs through transformers' experts interface (Qwen-MoE, DeepSeek-V3, Mixtral, ...)."""
+    m = v4_classes()
+    found = []
+    for name, module in model.named_modules():
+        if m is not None and isinstance(module, m.DeepseekV4SparseMoeBlock):
+            found.append((name, module))
+        elif _holds_stacked_experts(module):
+            found.append((name, module))
+    return found
+
+
+def _holds_stacked_experts(module: torch.nn.Module) -> bool:
+    """A module whose `experts` child stacks its experts' weights (3-D `gate_up_proj` or `up_proj`)."""
+    experts = getattr(module, "experts", None)
+    if not isinstance(experts, torch.nn.Module):
+        return False
+    if is_experts_interface(experts):
+        return True
+    weight = getattr(experts, "gate_up_proj", None)
+    if weight is None:
+        weight = getattr(experts, "up_proj", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 3
+
+
+def family(block: torch.nn.Module) -> str:
+    """transformers' model type of a block's model ("qwen3_moe"), from the module that defines it."""
+    parts = type(block).__module__.split(".")
+    return parts[parts.index("models") + 1] if "models" in parts[:-1] else type(block).__name__
 
 
 def layer_index(name: str) -> int | None:
@@ -141,6 +203,8 @@ def layer_index(name: str) -> int | None:
 def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
     """Read a MoE block's spec; (None, reason) when it is not the structure we know."""
     m = v4_classes()
+    if m is None or not isinstance(block, m.DeepseekV4SparseMoeBlock):
+        return _describe_family(name, block)
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     if isinstance(gate, m.DeepseekV4HashRouter):
         router = "hash"
@@ -154,20 +218,9 @@ def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
     scoring_func = _scoring_name(gate.score_fn)
     if scoring_func is None:
         return None, f"unknown router score function {type(gate.score_fn).__name__}"
-    if getattr(experts, "has_bias", False):
-        return None, "experts have biases (the fused kernel has none)"
-    if not getattr(experts, "has_gate", True) or getattr(experts, "is_transposed", False):
-        return None, "experts weights are not in [gate; up] x hidden layout"
-    if getattr(experts, "has_post_expert_norm", False):
-        return None, "experts apply a post-expert norm"
-    if type(experts.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
-        return None, f"experts activation is {type(experts.act_fn).__name__}, not SiLU (SwiGLU)"
-    if quantized:
-        why = _fp8_experts_problem(experts)
-        if why:
-            return None, why
-    elif "_apply_gate" in vars(experts) or type(experts)._apply_gate is not m.DeepseekV4Experts._apply_gate:
-        return None, "experts gating function was replaced"
+    why = _experts_problem(experts, expected_gate=m.DeepseekV4Experts._apply_gate)
+    if why:
+        return None, why
     ep_shard = None
     if getattr(experts, "_is_expert_parallel", False) or is_dtensor(experts.gate_up_proj) \
             or is_dtensor(experts.down_proj):
@@ -185,11 +238,9 @@ def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
     intermediate = two_i // 2
     limit = getattr(experts, "limit", None)
     impl = experts_implementation(experts)
-    if quantized and impl not in (None, "eager", *FP8_TRACEABLE_IMPLEMENTATIONS):
-        return None, (f"experts_implementation {impl!r} of {FP8_EXPERTS_CLASS} is not one the pass recognises "
-                      f"{['eager', *FP8_TRACEABLE_IMPLEMENTATIONS]}")
-    if impl not in (None, "eager", *TRACEABLE_IMPLEMENTATIONS):
-        return None, f"experts_implementation {impl!r} is not one the pass recognises {['eager', *TRACEABLE_IMPLEMENTATIONS]}"
+    why = _implementation_problem(impl, quantized)
+    if why:
+        return None, why
     spec = MoESpec(
         name=name,
         layer_index=layer_index(name),
@@ -213,6 +264,131 @@ def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
     if tuple(down.shape[-2:]) != (spec.hidden, spec.intermediate // (2 if weight_format == "mxfp4" else 1)):
         return None, f"down_proj shape {tuple(down.shape)} does not fit gate_up_proj {tuple(gate_up.shape)}"
     return spec, ""
+
+
+# Families whose experts hold stacked weights but compute something else than the fused op.
+_UNFIT_FAMILIES = {
+    "llama4": "Llama-4 multiplies the experts' input by the routing weights (the fused op weights their output)",
+}
+
+
+def _describe_family(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
+    """The spec of a non-V4 MoE block whose experts run through transformers' experts interface.
+
+    Only the experts are fused: dispatch -> FFN1 -> SwiGLU -> FFN2 -> weighted top-k sum, on the
+    ids and weights the block's router made. The router (softmax, sigmoid + correction bias, group-
+    limited top-k, norm_topk_prob, routed scaling), shared experts and their gates stay graph code.
+    """
+    experts, kind = block.experts, family(block)
+    if kind in _UNFIT_FAMILIES:
+        return None, _UNFIT_FAMILIES[kind]
+    if getattr(experts, "zero_expert_num", 0):
+        return None, f"{experts.zero_expert_num} zero-compute (identity) experts; the fused op runs SwiGLU experts only"
+    if not is_experts_interface(experts):
+        return None, (f"experts module {type(experts).__name__} has a forward of its own, not transformers' experts "
+                      "interface (@use_experts_implementation)")
+    why = _experts_problem(experts, expected_gate=_default_apply_gate())
+    if why:
+        return None, why
+    ep_shard = None
+    gate = getattr(block, "gate", None)
+    if getattr(experts, "_is_expert_parallel", False) or is_dtensor(experts.gate_up_proj) \
+            or is_dtensor(experts.down_proj):
+        ep_shard, why = transformers_ep_shard(experts, gate)
+        if ep_shard is None:
+            return None, why
+    gate_up, down = local_tensor(experts.gate_up_proj), local_tensor(experts.down_proj)
+    weight_format = _weight_format(experts)
+    if weight_format is None:
+        return None, f"expert weights of dtype {gate_up.dtype} are not a format we read"
+    top_k = next((int(v) for v in (getattr(gate, "top_k", None), getattr(block, "top_k", None),
+                                   getattr(experts.config, "num_experts_per_tok", None)) if v is not None), None)
+    if top_k is None:
+        return None, "the number of experts per token (top_k) is not found on the router or the config"
+    num_experts, two_i, hidden = gate_up.shape
+    if weight_format == "mxfp4":
+        hidden *= 2
+    quantized = is_fp8_experts(experts)
+    impl = experts_implementation(experts)
+    why = _implementation_problem(impl, quantized)
+    if why:
+        return None, why
+    limit = getattr(experts, "limit", None) if quantized else None
+    spec = MoESpec(
+        name=name, layer_index=layer_index(name), router="graph", scoring_func=None, top_k=top_k,
+        num_experts=int(num_experts), hidden=int(hidden), intermediate=int(two_i // 2), routed_scaling_factor=None,
+        swiglu_limit=None if limit is None else float(limit), experts_implementation=impl,
+        weight_format=weight_format, dtype=_family_activation_dtype(block), device=gate_up.device,
+        expert_parallel=ep_shard is not None, experts_class=FP8_EXPERTS_CLASS if quantized else type(experts).__name__,
+        ep_experts=None if ep_shard is None else ep_shard[0], ep_ranks=() if ep_shard is None else ep_shard[1],
+        family=kind, router_kind=_router_kind(gate),
+    )
+    if tuple(down.shape[-2:]) != (spec.hidden, spec.intermediate // (2 if weight_format == "mxfp4" else 1)):
+        return None, f"down_proj shape {tuple(down.shape)} does not fit gate_up_proj {tuple(gate_up.shape)}"
+    return spec, ""
+
+
+def _default_apply_gate():
+    from transformers.integrations import moe
+
+    return getattr(moe, "_default_apply_gate", None)
+
+
+def _experts_problem(experts: torch.nn.Module, expected_gate) -> str:
+    """Why an experts-interface module is not what the fused op computes ("" when it is): biases,
+    another weight layout, a post-expert norm, another activation or gating function."""
+    if getattr(experts, "has_bias", False):
+        return "experts have biases (the fused kernel has none)"
+    if not getattr(experts, "has_gate", True) or getattr(experts, "is_transposed", False) \
+            or not getattr(experts, "is_concatenated", True):
+        return "experts weights are not in [gate; up] x hidden layout"
+    if getattr(experts, "has_post_expert_norm", False):
+        return "experts apply a post-expert norm"
+    if type(experts.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+        return f"experts activation is {type(experts.act_fn).__name__}, not SiLU (SwiGLU)"
+    if is_fp8_experts(experts):
+        return _fp8_experts_problem(experts)
+    if "_apply_gate" in vars(experts) or getattr(type(experts), "_apply_gate", None) is not expected_gate:
+        return "experts gating function was replaced"
+    return ""
+
+
+def _implementation_problem(impl: str | None, quantized: bool) -> str:
+    if quantized and impl not in (None, "eager", *FP8_TRACEABLE_IMPLEMENTATIONS):
+        return (f"experts_implementation {impl!r} of {FP8_EXPERTS_CLASS} is not one the pass recognises "
+                f"{['eager', *FP8_TRACEABLE_IMPLEMENTATIONS]}")
+    if impl not in (None, "eager", *TRACEABLE_IMPLEMENTATIONS):
+        return f"experts_implementation {impl!r} is not one the pass recognises {['eager', *TRACEABLE_IMPLEMENTATIONS]}"
+    return ""
+
+
+def _router_kind(gate) -> str:
+    """What a family's router computes, read from its attributes (for the report only)."""
+    if gate is None:
+        return "?"
+    source = ""
+    try:
+        import inspect
+
+        source = inspect.getsource(type(gate).forward)
+    except (OSError, TypeError):
+        pass
+    kind = "sigmoid" if "sigmoid" in source else "softmax" if "softmax" in source else type(gate).__name__
+    if hasattr(gate, "e_score_correction_bias") or "e_score_correction_bias" in source:
+        kind += "+bias"
+    groups = getattr(gate, "n_group", None) or getattr(gate, "num_group", None) or 1
+    if int(groups) > 1:
+        kind += " grouped"
+    return kind
+
+
+def _family_activation_dtype(block: torch.nn.Module) -> torch.dtype:
+    """The dtype the block's activations run in: the experts' own (dense weights), else that of the
+    first 16/32-bit floating parameter of the block (a quantized checkpoint's router or shared expert)."""
+    for t in (block.experts.gate_up_proj, *block.parameters()):
+        if t.dtype.is_floating_point and torch.finfo(t.dtype).bits >= 16:
+            return t.dtype
+    return torch.get_default_dtype()
 
 
 def is_dtensor(t) -> bool:
@@ -273,10 +449,9 @@ def transformers_ep_shard(experts: torch.nn.Module, gate: torch.nn.Module
     return ((rank * local, (rank + 1) * local), tuple(dist.get_process_group_ranks(mesh.get_group()))), ""
 
 
-def experts_implementation(experts: torch.nn.Module) -> str | None:
-    """The experts implementation the model was configured with (before prepare's retracing)."""
-    original = getattr(experts, "_megamoe_original_config", None)
-    config = original if original is not None else getattr(experts, "config", None)
+def experts_implementation(experts: torch.nn.Module, config=None) -> str | None:
+    """The experts implementation `config` (default: the module's own config) names."""
+    config = config if config is not None else getattr(experts, "config", None)
     return getattr(config, "_experts_implementation", None)
 
 

@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import hf
 from .config import MegaMoEConfig
 from . import experts as megamoe_experts
-from .ops import layouts, recipes
+from .ops import groups, layouts, recipes
 from .ops.fused_moe import LayerShape, auto_family, get_kernel, pick, register_source_check
 
 log = logging.getLogger("megamoe_compile")
@@ -42,6 +42,30 @@ _PREPARED_PARTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 def is_prepared_part(module_key: str) -> bool:
     """Whether an `nn_module_stack` key names a prepared MoE block, its router or its experts."""
     return _PREPARED_PARTS.get(module_key) is not None
+
+
+@dataclass
+class PreparedLayer:
+    """Everything prepare keeps on one MoE layer, in one place: `experts._megamoe`.
+
+    The kernel-ready weights themselves are the experts' non-persistent buffers `megamoe_*` (model
+    state: they move with `model.to()` and dynamo reads them as graph inputs); this record says
+    which of them prepare owns (copies it may rebuild in place) and what it set aside to undo its
+    changes. Read it through `plan_of`, `kernel_ready` and `kernel_weights`."""
+
+    plan: LayerPlan | None = None
+    owned_buffers: frozenset[str] = frozenset()  # buffer names that are copies (not views of the model's tensors)
+    released: bool = False  # the original expert weights were freed (release_original_weights)
+    original_config: object = None  # the experts' config before prepare gave them the "megamoe" implementation
+    transformers_forward: object = None  # transformers' expert-parallel forward, set aside while the op replaces it
+    hooked: bool = False  # the load/save hooks are on the MoE block
+
+
+def _record(experts: torch.nn.Module) -> PreparedLayer:
+    record = getattr(experts, "_megamoe", None)
+    if record is None:
+        record = experts._megamoe = PreparedLayer()
+    return record
 
 
 class UnsupportedLayerError(ValueError):
@@ -186,7 +210,7 @@ class ExpertParallel:
 
 def layer_plans(model: torch.nn.Module) -> list[LayerPlan]:
     """The plans `prepare` made, in module order."""
-    return [plan for _, b in hf.find_moe_blocks(model) if (plan := getattr(b.experts, "_megamoe_plan", None))]
+    return [plan for _, b in hf.find_moe_blocks(model) if (plan := plan_of(b))]
 
 
 def block_for_weight(weight: torch.Tensor) -> torch.nn.Module | None:
@@ -198,10 +222,61 @@ def block_for_weight(weight: torch.Tensor) -> torch.nn.Module | None:
 def kernel_weights(experts: torch.nn.Module) -> layouts.KernelWeights:
     """The weights `prepare` built for `experts`, in the recipe's dtypes (the originals where the
     recipe keeps them)."""
-    w1, s1, w2, s2 = megamoe_experts.kernel_ready(experts)
-    r = recipes.recipe(experts._megamoe_plan.recipe)
+    w1, s1, w2, s2 = kernel_ready(experts)
+    r = recipes.recipe(plan_of(experts).recipe)
     return layouts.KernelWeights(recipes.as_storage(w1, r.weight_dtype), recipes.as_storage(s1, r.scale_dtype),
                                  recipes.as_storage(w2, r.weight_dtype), recipes.as_storage(s2, r.scale_dtype))
+
+
+# -- what the rest of the library reads of a prepared layer -------------------------------------
+
+def prepared_config(model: torch.nn.Module) -> MegaMoEConfig | None:
+    """The config `model` was prepared with (as a whole, or else that of its first planned layer)."""
+    config = getattr(model, "_megamoe_config", None)
+    return config if config is not None else next((plan.config for plan in layer_plans(model)), None)
+
+
+def plan_of(module: torch.nn.Module) -> LayerPlan | None:
+    """The plan of a MoE block (or of its experts module); None when prepare never planned it."""
+    record = getattr(getattr(module, "experts", module), "_megamoe", None)
+    return None if record is None else record.plan
+
+
+def kernel_ready(experts: torch.nn.Module):
+    """(w1, w1_scale, w2, w2_scale) the fused op takes for `experts`, as stored: prepare's
+    kernel-ready buffers, or the module's own weights where the recipe keeps them as they are."""
+    w1 = getattr(experts, _BUFFER_PREFIX + "w1", None)
+    if w1 is None:
+        return experts.gate_up_proj, None, experts.down_proj, None
+    return (w1, getattr(experts, _BUFFER_PREFIX + "w1_scale", None), getattr(experts, _BUFFER_PREFIX + "w2"),
+            getattr(experts, _BUFFER_PREFIX + "w2_scale", None))
+
+
+def marker_constants(plan: LayerPlan) -> tuple:
+    """The plan's constants a traced `megamoe.prepared_weights` marker carries (and dynamo guards on)."""
+    return plan.kernel, plan.recipe, plan.group_name, plan.shared_batch, plan.generation
+
+
+def fused_call(plan: LayerPlan, hidden, indices, weights, kernel_weights, swiglu_limit) -> tuple[tuple, dict]:
+    """(args, kwargs) of the `megamoe.fused_moe` call for a layer: the one builder of that call,
+    used by the graph rewrite (with graph nodes) and by the experts' own forward (with tensors).
+    `indices` are int32 and `weights` float32 routing weights that already carry the router's
+    routed_scaling_factor (so the op multiplies by 1.0)."""
+    kwargs = {"kernel": plan.kernel, "recipe": plan.recipe, "routed_scaling_factor": 1.0,
+              "swiglu_limit": swiglu_limit, "group_name": plan.group_name, "shared_batch": plan.shared_batch}
+    if plan.group_name:  # expert parallelism: the layer's number, alike on every rank (lockstep check)
+        kwargs["layer_id"] = layer_id(plan)
+    return (hidden, indices, weights, *kernel_weights), kwargs
+
+
+def layer_id(plan: LayerPlan) -> int:
+    """The layer's number, the same on every rank: its decoder-layer index, else a hash of its name."""
+    return plan.layer_index if plan.layer_index is not None else zlib.crc32(plan.name.encode()) & 0x7FFFFFFF
+
+
+def activation_problem(plan: LayerPlan, dtype: torch.dtype) -> str:
+    """Why the layer's kernel cannot run on activations of `dtype` ("" when it can)."""
+    return get_kernel(plan.kernel).activation_problem(dtype)
 
 
 # -- planning ---------------------------------------------------------------------------------
@@ -210,22 +285,21 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
                 ep: ExpertParallel | None = None) -> LayerPlan:
     experts = block.experts
     if ep is not None:  # per group, not per layer; here so that re-plans at compile time apply it too
-        from .ops.fused_moe import check_calls
-
-        check_calls(ep.group_name, config.ep_check_calls)
-    old = getattr(experts, "_megamoe_plan", None)
-    if getattr(experts, "_megamoe_released", False):
+        groups.check_calls(ep.group_name, config.ep_check_calls)
+    record = _record(experts)
+    old = record.plan
+    if record.released:
         if old.config.plan_key() != config.plan_key():
             raise ValueError(f"{name}: its original expert weights were released "
                              "(release_original_weights=True); reload the model to plan it differently")
-        return old
+        return _keep(old, experts, config, ep)
     fingerprint = _fingerprint(name, config, block)
     if old is not None and old.fingerprint == fingerprint:
-        return old
+        return _keep(old, experts, config, ep)
+    _restore_implementation(experts)  # describe reads the model's own experts implementation
     spec, why = hf.describe(name, block)
     index = hf.layer_index(name)
     previous = _drop_buffers(experts)
-    _restore_implementation(experts)
 
     if spec is None:
         plan = LayerPlan(name, index, None, False, reason=why)
@@ -267,13 +341,14 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
     plan.fingerprint, plan.config = fingerprint, config
     if old is not None:
         plan.generation = str(int(old.generation) + 1) if old.stale_seen else old.generation
-    experts._megamoe_plan = plan
-    for part in (block, block.gate, experts):
-        _PREPARED_PARTS[str(id(part))] = part
+    record.plan = plan
+    for part in (block, getattr(block, "gate", None), experts):
+        if part is not None:
+            _PREPARED_PARTS[str(id(part))] = part
     _install_hooks(block)
     _BLOCK_BY_WEIGHT[experts.gate_up_proj] = weakref.ref(block)
     if plan.fuse and config.release_original_weights and plan.recipe != "none":
-        if spec.experts_class != "DeepseekV4Experts":
+        if spec.experts_class == hf.FP8_EXPERTS_CLASS:
             plan.notes.append(f"release_original_weights: not for {spec.experts_class} (its forward is "
                               "transformers' quantized-experts code); original weights kept")
         elif plan.prepared_bytes == 0:
@@ -351,15 +426,8 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
         elif plan.local_experts is not None:
             source = source.experts(*plan.local_experts)  # this rank's experts only
         weights = layouts.to_recipe(source, spec.weight_format, plan.recipe)
-        kernel = get_kernel(plan.kernel)
-        weights = kernel.layout(weights, plan.recipe)
-        kernel.reserve(_layer_shape(spec, num_experts=weights.w1.shape[0]), config.max_tokens_per_rank,
-                       None if ep is None else ep.group, plan.recipe)
-    if plan.group_name:  # for the opt-in lockstep check: the same layer number on every rank
-        from .ops.fused_moe import register_layer
-
-        register_layer(weights.w1, plan.layer_index if plan.layer_index is not None
-                       else zlib.crc32(plan.name.encode()) & 0x7FFFFFFF)
+        weights = get_kernel(plan.kernel).layout(weights, plan.recipe)
+        _reserve(plan, weights.w1.shape[0], config, ep)
     if plan.recipe == "none" and plan.local_experts is None:
         plan.prepared_bytes = 0  # the kernel reads the model's own weights
         return
@@ -379,20 +447,36 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
         if tensor.untyped_storage().data_ptr() not in model_storage:
             owned.add(name)
             old = previous.get(name)
-            if (old is not None and name in getattr(experts, "_megamoe_owned", ()) and old.shape == stored.shape
+            if (old is not None and name in _record(experts).owned_buffers and old.shape == stored.shape
                     and old.dtype == stored.dtype and old.device == stored.device and old.stride() == stored.stride()):
                 # A rebuild (weights loaded or changed): into the same memory, so that compiled code
                 # holding it - CUDA graphs read their static inputs by address - sees the new weights.
                 old.copy_(stored)
                 stored = old
         experts.register_buffer(name, stored, persistent=False)
-    experts._megamoe_owned = owned
+    _record(experts).owned_buffers = frozenset(owned)
     plan.source_stamp = _source_stamp(experts)
     experts_ref = weakref.ref(experts)
     register_source_check(getattr(experts, _BUFFER_PREFIX + "w1"),
                           lambda: stale_reason(experts_ref()) if experts_ref() is not None else "")
     plan.prepared_bytes = sum(t.numel() * t.element_size() for t in weights.tensors().values()
                               if t is not None and t.untyped_storage().data_ptr() not in model_storage)
+
+
+def _reserve(plan: LayerPlan, local_experts: int, config: MegaMoEConfig, ep: ExpertParallel | None) -> None:
+    """The kernel's buffers for `config.max_tokens_per_rank` tokens (load time; a collective for
+    DeepGEMM, so on every rank alike). Layers of one shape share them."""
+    get_kernel(plan.kernel).reserve(_layer_shape(plan.spec, num_experts=local_experts), config.max_tokens_per_rank,
+                                    None if ep is None else ep.group, plan.recipe)
+
+
+def _keep(plan: LayerPlan, experts: torch.nn.Module, config: MegaMoEConfig, ep: ExpertParallel | None) -> LayerPlan:
+    """A plan that still holds under `config`: only what does not touch the weights may differ
+    (`max_tokens_per_rank` reserves a buffer of that size, nothing is rebuilt)."""
+    if plan.fuse and plan.config is not None and plan.config.max_tokens_per_rank != config.max_tokens_per_rank:
+        _reserve(plan, kernel_ready(experts)[0].shape[0], config, ep)
+    plan.config = config
+    return plan
 
 
 def _use_megamoe_implementation(experts: torch.nn.Module) -> None:
@@ -403,9 +487,10 @@ def _use_megamoe_implementation(experts: torch.nn.Module) -> None:
     import copy
 
     megamoe_experts.register()
-    if getattr(experts, "_megamoe_original_config", None) is None:
-        experts._megamoe_original_config = experts.config
-    cfg = copy.copy(experts._megamoe_original_config)
+    record = _record(experts)
+    if record.original_config is None:
+        record.original_config = experts.config
+    cfg = copy.copy(record.original_config)
     cfg._experts_implementation = megamoe_experts.IMPLEMENTATION
     experts.config = cfg
 
@@ -430,7 +515,7 @@ def _source_stamp(experts: torch.nn.Module) -> tuple:
 def stale_reason(experts: torch.nn.Module) -> str:
     """Why the kernel-ready copy of `experts` no longer matches the weights it was built from
     ("" when it does, or when there is no copy)."""
-    plan = getattr(experts, "_megamoe_plan", None)
+    plan = plan_of(experts)
     if plan is None or not plan.fuse or plan.released or not plan.source_stamp:
         return ""
     if _source_stamp(experts) == plan.source_stamp:
@@ -443,34 +528,35 @@ def stale_reason(experts: torch.nn.Module) -> str:
 def _install_hooks(block: torch.nn.Module) -> None:
     """Once per MoE block: rebuild the kernel-ready copy after `load_state_dict` (load time, not
     per call), and refuse to save or load a layer whose original weights were released."""
-    if getattr(block, "_megamoe_hooked", False):
+    record = _record(block.experts)
+    if record.hooked:
         return
     block.register_load_state_dict_pre_hook(_refuse_load_into_released)
     block.register_load_state_dict_post_hook(_rebuild_after_load)
     block.register_state_dict_post_hook(_refuse_save_released)
-    block._megamoe_hooked = True
+    record.hooked = True
 
 
 def _released_message(block: torch.nn.Module, what: str) -> str:
-    return (f"megamoe: {block.experts._megamoe_plan.name}: cannot {what}: prepare released its original expert "
+    return (f"megamoe: {plan_of(block).name}: cannot {what}: prepare released its original expert "
             "weights (MegaMoEConfig(release_original_weights=True)); only the kernel-ready copy is held. Reload the "
             "model from its checkpoint (and prepare it without release_original_weights) to save or load weights.")
 
 
 def _refuse_save_released(block, state_dict, prefix, local_metadata) -> None:
-    if getattr(block.experts, "_megamoe_released", False):
+    if _record(block.experts).released:
         raise RuntimeError(_released_message(block, "save its weights (state_dict / save_pretrained)"))
 
 
 def _refuse_load_into_released(block, state_dict, prefix, *args) -> None:
-    if getattr(block.experts, "_megamoe_released", False) and any(k.startswith(prefix + "experts.") for k in state_dict):
+    if _record(block.experts).released and any(k.startswith(prefix + "experts.") for k in state_dict):
         raise RuntimeError(_released_message(block, "load weights into it (load_state_dict)"))
 
 
 def _rebuild_after_load(block, incompatible_keys) -> None:
     # Re-plan whatever the load changed (a copy in place, or new tensors with assign=True);
     # `_plan_layer` does nothing when the fingerprint is unchanged.
-    plan = getattr(block.experts, "_megamoe_plan", None)
+    plan = plan_of(block)
     if plan is not None and not plan.released:
         _plan_layer(plan.name, block, plan.config, ExpertParallel.from_config(plan.config))
 
@@ -483,7 +569,7 @@ def _release_original_weights(block: torch.nn.Module, plan: LayerPlan) -> None:
     for name in ("gate_up_proj", "down_proj"):
         old = hf.local_tensor(getattr(experts, name))
         setattr(experts, name, torch.nn.Parameter(old.new_empty(0), requires_grad=False))
-    experts._megamoe_released = True
+    _record(experts).released = True
     plan.notes.append("original expert weights released; eager and compiled forward use the fused op")
     plan.released = True
 
@@ -494,21 +580,20 @@ def _replace_transformers_ep_forward(block: torch.nn.Module, plan: LayerPlan) ->
     group itself, so that dispatch is set aside (restored on re-plan) and the op runs instead."""
     experts = block.experts
     if "forward" in vars(experts):
-        experts._megamoe_transformers_forward = vars(experts).pop("forward")
+        _record(experts).transformers_forward = vars(experts).pop("forward")
     _run_fused_op_in_forward(block, plan)
     plan.notes.append("transformers' expert-parallel dispatch replaced by the fused op over the same ranks "
                       "(its experts shard used as it is)")
 
 
 def _restore_implementation(experts: torch.nn.Module) -> None:
-    original = getattr(experts, "_megamoe_original_config", None)
-    if original is not None:
-        experts.config = original
-        experts._megamoe_original_config = None
-    forward = getattr(experts, "_megamoe_transformers_forward", None)
-    if forward is not None:
-        experts.forward = forward
-        experts._megamoe_transformers_forward = None
+    record = _record(experts)
+    if record.original_config is not None:
+        experts.config = record.original_config
+        record.original_config = None
+    if record.transformers_forward is not None:
+        experts.forward = record.transformers_forward
+        record.transformers_forward = None
 
 
 def _drop_buffers(experts: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -521,9 +606,14 @@ def _nbytes(module: torch.nn.Module) -> int:
     return sum(hf.local_tensor(p).numel() * p.element_size() for n, p in module.named_parameters())
 
 
+def _configured_implementation(experts: torch.nn.Module) -> str | None:
+    """The experts implementation the model was configured with (not prepare's "megamoe")."""
+    return hf.experts_implementation(experts, _record(experts).original_config)
+
+
 def _fingerprint(name: str, config: MegaMoEConfig, block: torch.nn.Module) -> tuple:
     """What a plan depends on: an equal fingerprint means prepare has nothing to redo. The name
     (selection patterns match it), the router facts the plan's spec records, and the weights."""
-    gate = block.gate
-    return (name, config.plan_key(), hf.experts_implementation(block.experts), int(gate.top_k),
+    gate = getattr(block, "gate", None)
+    return (name, config.plan_key(), _configured_implementation(block.experts), getattr(gate, "top_k", None),
             type(getattr(gate, "score_fn", None)), _source_stamp(block.experts))

@@ -20,7 +20,7 @@ import torch
 
 import megamoe_compile as mc
 from megamoe_compile import hf
-from megamoe_compile.ops import deepgemm
+from megamoe_compile.ops import deepgemm, groups
 from megamoe_compile.ops.layouts import KernelWeights
 
 GENERATIONS = ("0.1", "0.2")
@@ -161,10 +161,10 @@ def install(monkeypatch):
         deepgemm.reset_probe()
         return dg
 
-    monkeypatch.setattr(deepgemm, "_make_private_group", lambda index: FakeGroup())
+    monkeypatch.setattr(groups, "_make_private_group", lambda index: FakeGroup())
     monkeypatch.setattr(deepgemm, "_BUFFERS", {})
     monkeypatch.setattr(deepgemm, "_LAUNCHES", {})
-    monkeypatch.setattr(deepgemm, "_PRIVATE_GROUPS", {})
+    monkeypatch.setattr(groups, "_PRIVATE_GROUPS", {})
     yield _install
     deepgemm.reset_probe()
 

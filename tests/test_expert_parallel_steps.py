@@ -6,7 +6,6 @@ leaves the others waiting in the kernel's (or the collectives') synchronisation 
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import megamoe_compile as mc
 from conftest import eager_backend, input_ids, run_on_gloo_ranks, tiny_model
 from megamoe_compile.prepare import kernel_weights
 
-fused_moe = importlib.import_module("megamoe_compile.ops.fused_moe")  # the module (ops exports the op by that name)
+from megamoe_compile.ops import groups
 
 WORLD = 2
 
@@ -28,7 +27,7 @@ def _call_layer(model, layer: int, group_name: str):
     idx = torch.tensor([[0, 3], [1, 2]], dtype=torch.int32)
     return torch.ops.megamoe.fused_moe(x, idx, torch.rand(2, 2), w.w1, w.w1_scale, w.w2, w.w2_scale,
                                        kernel="reference", recipe="none", routed_scaling_factor=1.0,
-                                       swiglu_limit=None, group_name=group_name)
+                                       swiglu_limit=None, group_name=group_name, layer_id=layer)
 
 
 def _scenarios(rank, results):
@@ -39,7 +38,7 @@ def _scenarios(rank, results):
     with torch.no_grad():  # in step: the check passes, the model runs as usual
         results["logits"] = torch.compile(model, backend=be)(input_ids(batch=1, seq=3 + rank, seed=rank)).logits
     results["fused"] = [f.fused for f in be.fusions]
-    results["calls_after_forward"] = fused_moe._STEP_CHECKS[group_name]
+    results["calls_after_forward"] = groups._STEP_CHECKS[group_name]
 
     def attempt(name, fn):
         try:
@@ -51,7 +50,7 @@ def _scenarios(rank, results):
     # Rank 1 skipped layer 0's call: it is at layer 1 while rank 0 is at layer 0.
     attempt("skipped_layer", lambda: _call_layer(model, rank, group_name))
     # Rank 1 made one call more than rank 0 (same layer, different call number).
-    fused_moe._STEP_CHECKS[group_name] += rank
+    groups._STEP_CHECKS[group_name] += rank
     attempt("extra_call", lambda: _call_layer(model, 0, group_name))
 
 

@@ -337,7 +337,7 @@ def test_one_layer_fused_op_against_transformers_fp8_experts(tmp_path, finegrain
     model = load_quantized(tmp_path)
     mc.prepare(model, mc.MegaMoEConfig(kernel="reference"))
     block = model.model.layers[1].mlp
-    plan, experts = block.experts._megamoe_plan, block.experts
+    plan, experts = prep.plan_of(block), block.experts
     w = prep.kernel_weights(experts)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, SIZES["hidden"], generator=g).bfloat16().float()  # the same input in both dtypes

@@ -197,3 +197,31 @@ def test_backend_name_resolves_through_the_entry_point_without_an_import():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_report_and_rewritten_graph_are_structured_trace_artifacts():
+    """What TORCH_TRACE records (and tlparse shows) beside dynamo's own graphs."""
+    import json
+    import logging
+
+    from torch._logging._internal import trace_log
+
+    artifacts = {}
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            meta = getattr(record, "metadata", {})
+            if "artifact" in meta and meta["artifact"]["name"].startswith("megamoe"):
+                artifacts[meta["artifact"]["name"]] = record.payload
+
+    handler = Keep()
+    trace_log.addHandler(handler)
+    try:
+        _run(tiny_model(layers=2), eager_backend(skip_layers=[0]))
+    finally:
+        trace_log.removeHandler(handler)
+    report = json.loads(artifacts["megamoe_fusion_report"])
+    assert [(r["name"], r["fused"], r["kernel"]) for r in report] == [
+        ("model.layers.0.mlp", False, None), ("model.layers.1.mlp", True, "reference")]
+    assert report[0]["reason"] == "skipped by config: layer 0 is in skip_layers"
+    assert "torch.ops.megamoe.fused_moe.default(" in artifacts["megamoe_rewritten_graph"]

@@ -530,3 +530,27 @@ def test_the_op_checks_devices():
     with pytest.raises(ValueError, match="w1 is on meta, x on cpu"):
         torch.ops.megamoe.fused_moe(x, idx, wts, w1.to("meta"), None, w2, None, kernel="reference", recipe="none",
                                     routed_scaling_factor=1.0, swiglu_limit=None)
+
+
+def test_a_new_max_tokens_per_rank_reserves_a_buffer_and_rebuilds_no_weights(monkeypatch):
+    import importlib
+
+    prep = importlib.import_module("megamoe_compile.prepare")
+    reserved = []
+    original = prep._reserve
+    monkeypatch.setattr(prep, "_reserve", lambda plan, local, config, ep: (
+        reserved.append((plan.name, local, config.max_tokens_per_rank)), original(plan, local, config, ep)))
+    model = tiny_model(layers=2, hidden=128, intermediate=128)  # FP8 128x128 blocks
+    mc.prepare(model, mc.MegaMoEConfig(recipe="fp8", kernel="reference", max_tokens_per_rank=16))
+    plans = mc.layer_plans(model)
+    w1 = [block.mlp.experts.megamoe_w1 for block in model.model.layers]
+    assert reserved == [("model.layers.0.mlp", 4, 16), ("model.layers.1.mlp", 4, 16)]
+    mc.prepare(model, mc.MegaMoEConfig(recipe="fp8", kernel="reference", max_tokens_per_rank=64))
+    assert mc.layer_plans(model) == plans and all(p.config.max_tokens_per_rank == 64 for p in plans)
+    assert [block.mlp.experts.megamoe_w1 for block in model.model.layers] == w1  # the same tensors: nothing rebuilt
+    assert reserved[2:] == [("model.layers.0.mlp", 4, 64), ("model.layers.1.mlp", 4, 64)]
+    # A backend with the config prepared last fuses the layers (it would refuse another plan).
+    be = mc.backend(mc.MegaMoEConfig(recipe="fp8", kernel="reference", max_tokens_per_rank=64, inner_backend="eager"))
+    with torch.no_grad():
+        torch.compile(model, backend=be)(input_ids())
+    assert [f.fused for f in be.fusions] == [True, True]

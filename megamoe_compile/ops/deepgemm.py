@@ -26,15 +26,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
-import os
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import recipes
+from . import groups, recipes
 from .fused_moe import DEFAULT_MAX_TOKENS_PER_RANK, Kernel, LayerShape, get_kernel, pick, register
 from .layouts import KernelWeights
 
@@ -231,9 +230,7 @@ def _device_problem(kernel: str, device: torch.device) -> str:
 
 
 def _shape_problem(kernel: str, shape: LayerShape) -> str:
-    """Why `kernel`, on a device it runs on, cannot take a layer of `shape` ("" when it can)."""
-    if shape.dtype != torch.bfloat16:
-        return f"{kernel} takes bfloat16 activations; this layer runs in {shape.dtype}"
+    """Why `kernel`, on a device it runs on and in bfloat16, cannot take a layer of `shape` ("" when it can)."""
     for dim, size in (("hidden", shape.hidden), ("moe_intermediate", shape.intermediate)):
         if size % 128:
             return f"{kernel} needs {dim} size a multiple of 128, got {size}"
@@ -334,91 +331,6 @@ def _expect_dtype(kernel: str, name: str, t: torch.Tensor, dtype: torch.dtype) -
                          f"got {t.dtype}")
 
 
-# -- process groups ---------------------------------------------------------------------------
-
-# group_name -> process group for expert parallelism (issue 5 registers groups here). The name ""
-# is never stored here: it means "this process alone", a private group per device.
-_GROUPS: dict[str, Any] = {}
-_PRIVATE_GROUPS: dict[int, Any] = {}
-
-
-def register_group(group) -> str:
-    """Make an expert-parallel process group known to the kernels; returns the op's `group_name`."""
-    name = str(group.group_name)
-    if not name:
-        raise ValueError("megamoe: a process group without a name cannot be registered")
-    _GROUPS[name] = group
-    return name
-
-
-def group_for(group_name: str, device: torch.device):
-    """The process group a `fused_moe` call with `group_name` runs over, on `device`."""
-    if group_name == "":
-        return _private_group(device)
-    group = _GROUPS.get(group_name)
-    if group is None:  # a torch.distributed group, found by its name
-        try:
-            from torch.distributed.distributed_c10d import _resolve_process_group
-
-            group = _resolve_process_group(group_name)
-        except Exception:
-            raise RuntimeError(f"megamoe: process group {group_name!r} is not registered with torch.distributed "
-                               f"nor here (known here: {sorted(_GROUPS)}); initialise torch.distributed on every "
-                               f"rank or call megamoe_compile.ops.deepgemm.register_group") from None
-        _GROUPS[group_name] = group
-    return group
-
-
-def _device_index(device: torch.device) -> int:
-    if device.type != "cuda":
-        return -1
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _private_group(device: torch.device):
-    index = _device_index(device)
-    group = _PRIVATE_GROUPS.get(index)
-    if group is None:
-        group = _PRIVATE_GROUPS[index] = _make_private_group(index)
-    return group
-
-
-def _make_private_group(device_index: int):
-    """A world-size-1 NCCL process group over a private HashStore, for one GPU.
-
-    Built the way c10d builds a group, but registered only under its own name: the default group
-    is untouched, so `torch.distributed.init_process_group` still works afterwards. DeepGEMM's
-    symmetric buffer rendezvous resolves the group by name and reads its store.
-    """
-    from torch._C._distributed_c10d import (
-        HashStore, PrefixStore, ProcessGroup, ProcessGroupNCCL, _register_process_group,
-    )
-
-    name = f"megamoe_private_cuda{device_index}_pid{os.getpid()}"
-    store = PrefixStore(f"{name}/", HashStore())
-    group = ProcessGroup(store, 0, 1)
-    options = ProcessGroupNCCL.Options()
-    options.is_high_priority_stream = False
-    for attr, value in (("group_name", name), ("global_ranks_in_group", [0])):
-        with contextlib.suppress(Exception):
-            setattr(options, attr, value)
-    backend = ProcessGroupNCCL(PrefixStore("cuda/", store), 0, 1, options)
-    with contextlib.suppress(Exception):
-        backend._set_sequence_number_for_group()
-    group._set_default_backend(ProcessGroup.BackendType.NCCL)
-    group._register_backend(torch.device("cuda"), ProcessGroup.BackendType.NCCL, backend)
-    with contextlib.suppress(Exception):
-        group.bound_device_id = torch.device("cuda", device_index)
-    group._set_group_name(name)
-    _register_process_group(name, group)
-    # Symmetric-memory backends that look the store up by name (older torch) find it here too.
-    with contextlib.suppress(Exception):
-        torch._C._distributed_c10d._SymmetricMemory.set_group_info(
-            name, 0, 1, PrefixStore("symmetric_memory-0", store))
-    log.info("megamoe: made private world-size-1 NCCL group %s for cuda:%d", name, device_index)
-    return group
-
-
 # -- symmetric buffers ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -459,9 +371,9 @@ def reserve_buffer(kernel: str, shape: LayerShape, max_tokens_per_rank: int, gro
     recipe = _kernel_recipe(kernel, recipe)
     if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
         raise ValueError(f"megamoe: max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
-    group_name = "" if group is None else register_group(group)
-    group = group_for(group_name, shape.device)
-    key = BufferKey(group_name, _device_index(shape.device), kernel, shape.num_experts * group.size(),
+    group_name = "" if group is None else groups.register(group)
+    group = groups.resolve(group_name, shape.device)
+    key = BufferKey(group_name, groups.device_index(shape.device), kernel, shape.num_experts * group.size(),
                     shape.top_k, shape.hidden, shape.intermediate, max_tokens_per_rank, recipe)
     return _allocate(key, group)
 
@@ -521,7 +433,7 @@ def _buffers_of_shape(kernel: str, group_name: str, group, x: torch.Tensor, num_
     """(max tokens, buffer) of every buffer reserved for this layer shape, ascending; reserves one
     now (with a warning) if prepare reserved none, which cannot happen during CUDA-graph capture."""
     tokens, hidden = x.shape
-    wanted = BufferKey(group_name, _device_index(x.device), kernel, num_local_experts * group.size(), top_k,
+    wanted = BufferKey(group_name, groups.device_index(x.device), kernel, num_local_experts * group.size(), top_k,
                        hidden, intermediate, 0, recipe)
     fitting = sorted(((k.max_tokens, b) for k, b in _BUFFERS.items() if k.shape() == wanted.shape()),
                      key=lambda kb: kb[0])
@@ -579,7 +491,7 @@ def _launch_for(kernel: str, recipe: str, x: torch.Tensor, num_local_experts: in
     if launch is not None and launch.version == _buffers_version:
         return launch
     api = _require_api(kernel)
-    group = group_for(group_name, x.device)
+    group = groups.resolve(group_name, x.device)
     buffers = _buffers_of_shape(kernel, group_name, group, x, num_local_experts, top_k, intermediate, recipe)
     r = recipes.recipe(recipe)
     pre_kwargs = {"group_size": r.act_group}
@@ -656,6 +568,7 @@ _NO_FP4_ON_HOPPER = ("; Hopper has no FP4 tensor cores (its kernel expands FP4 w
 
 def _register(kernel: str, run, kernel_recipes: tuple[str, ...], **facts) -> None:
     register(Kernel(kernel, run, kernel_recipes, default=kernel_recipes[0], family=FAMILY, auto_on=("cuda",),
+                    activation_dtypes=(torch.bfloat16,),
                     device_problem=functools.partial(_device_problem, kernel),
                     shape_problem=functools.partial(_shape_problem, kernel),
                     library_problem=functools.partial(recipe_problem, kernel),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import recipes
+from . import groups, recipes
 from .layouts import KernelWeights
 
 # Tokens per rank and call a kernel's buffers hold unless told otherwise (MegaMoEConfig's default).
@@ -77,6 +77,8 @@ class Kernel:
     device_problem: Callable[[torch.device], str] = _runs_anywhere
     # Why it cannot take a layer beyond its device (activation dtype, size multiples, library).
     shape_problem: Callable[[LayerShape], str] = _takes_any_shape
+    # The activation dtypes it computes on; () = any floating dtype.
+    activation_dtypes: tuple[torch.dtype, ...] = ()
     hints: Mapping[str, str] = field(default_factory=dict)  # recipe -> added to "supports recipes"
     library_problem: Callable[[str], str] = _no_library_limit  # why the installed library cannot run a recipe
     # layout(weights in the recipe's plain layout, recipe) -> the kernel's own (load time).
@@ -95,7 +97,14 @@ class Kernel:
 
     def refuses(self, shape: LayerShape) -> str:
         """Why it cannot take a layer of this shape on this device ("" when it can)."""
-        return self.device_problem(shape.device) or self.shape_problem(shape)
+        return self.device_problem(shape.device) or self.activation_problem(shape.dtype) or self.shape_problem(shape)
+
+    def activation_problem(self, dtype: torch.dtype) -> str:
+        """Why it cannot compute on activations of `dtype` ("" when it can)."""
+        if not self.activation_dtypes or dtype in self.activation_dtypes:
+            return ""
+        names = "/".join(str(d).removeprefix("torch.") for d in self.activation_dtypes)
+        return f"{self.name} takes {names} activations; this layer runs in {dtype}"
 
     def refuses_recipe(self, recipe: str) -> str:
         """Why it does not run `recipe` at all ("" when it does); see also `library_problem`."""
@@ -149,7 +158,7 @@ def pick(family: str, shape: LayerShape) -> tuple[Kernel | None, str]:
         raise ValueError(f"megamoe: no kernel of family {family!r} is registered (kernels: {sorted(_KERNELS)})")
     for k in members:
         if not k.device_problem(shape.device):
-            return k, k.shape_problem(shape)
+            return k, k.activation_problem(shape.dtype) or k.shape_problem(shape)
     return None, members[0].device_problem(shape.device)
 
 
@@ -168,6 +177,7 @@ def fused_moe(
     swiglu_limit: float | None,
     group_name: str = "",
     shared_batch: bool = False,
+    layer_id: int = -1,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer.
 
@@ -181,14 +191,16 @@ def fused_moe(
     topk_idx holds global ids). Each rank passes its own tokens and gets them back fully combined;
     every rank must make the same calls. With `shared_batch` all ranks hold the same tokens: each
     computes an even slice of them and the slices are gathered, so every rank gets all rows.
+    `layer_id` numbers the layer alike on every rank, for the opt-in lockstep check
+    (MegaMoEConfig.ep_check_calls; -1 when it is off).
     """
     w1, w1_scale, w2, w2_scale = check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale,
                                                  kernel, recipe)
     impl = _KERNELS[kernel].run
     _check_fresh(w1)
 
-    if group_name and group_name in _STEP_CHECKS:
-        _check_in_step(group_name, w1, x.device)
+    if groups.checks_calls(group_name):
+        groups.check_in_step(group_name, layer_id, x.device)
 
     def run(x, topk_idx, topk_weights):
         return impl(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
@@ -196,84 +208,13 @@ def fused_moe(
                     group_name=group_name)
 
     if shared_batch and group_name:
-        return _shared_batch(run, x, topk_idx, topk_weights, group_name)
+        return groups.shared_batch(run, x, topk_idx, topk_weights, group_name)
     return run(x, topk_idx, topk_weights)
-
-
-def _shared_batch(run, x, topk_idx, topk_weights, group_name):
-    """Every rank holds the same T tokens: rank r fuses rows [r*S, (r+1)*S), S = ceil(T / W)."""
-    import torch.distributed as dist
-
-    group = resolve_group(group_name)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    tokens = x.shape[0]
-    per_rank = -(-tokens // world)
-    lo, hi = min(rank * per_rank, tokens), min((rank + 1) * per_rank, tokens)
-    mine = run(x[lo:hi], topk_idx[lo:hi], topk_weights[lo:hi])
-    padded = mine.new_zeros(per_rank, x.shape[1])
-    padded[: hi - lo] = mine
-    gathered = padded.new_empty(world * per_rank, x.shape[1])
-    dist.all_gather_into_tensor(gathered, padded, group=group)
-    return gathered[:tokens]
-
-
-# Opt-in lockstep check (MegaMoEConfig.ep_check_calls): group name -> calls made so far, and
-# kernel-ready w1 storage -> the layer it belongs to (prepare registers both).
-_STEP_CHECKS: dict[str, int] = {}
-_LAYER_OF_WEIGHT: dict[int, int] = {}
-
-
-def check_calls(group_name: str, enabled: bool) -> None:
-    """Turn the per-call lockstep check on or off for an expert-parallel group."""
-    if enabled:
-        _STEP_CHECKS.setdefault(group_name, 0)
-    else:
-        _STEP_CHECKS.pop(group_name, None)
-
-
-def register_layer(w1: torch.Tensor, layer: int) -> None:
-    """Remember which layer the kernel-ready `w1` belongs to (the same number on every rank)."""
-    _LAYER_OF_WEIGHT[w1.data_ptr()] = layer
-
-
-def _check_in_step(group_name: str, w1: torch.Tensor, device: torch.device) -> None:
-    """Before a fused call, all ranks compare (layer, call number): a rank that skipped or added a
-    call makes every rank raise here, instead of all of them waiting forever inside a kernel that
-    synchronises the group. Costs one small all-gather and a host sync per call; skipped while a
-    CUDA graph is being captured (replays run no Python). A rank that stopped calling altogether
-    cannot be detected this way: the others wait in the all-gather until the group's timeout."""
-    import torch.distributed as dist
-
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    group = resolve_group(group_name)
-    call = _STEP_CHECKS[group_name]
-    _STEP_CHECKS[group_name] = call + 1
-    mine = torch.tensor([_LAYER_OF_WEIGHT.get(w1.data_ptr(), -1), call], dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
-    stamps = [tuple(t.tolist()) for t in every]
-    if len(set(stamps)) > 1:
-        where = ", ".join(f"rank {r}: layer {layer} call {n}" for r, (layer, n) in enumerate(stamps))
-        raise RuntimeError(f"megamoe: expert-parallel ranks are out of step before a fused MoE call ({where}); "
-                           "every rank must make the same MoE calls in the same order (generate with "
-                           "synced_gpus=True; give every rank the same number of forward passes)")
-
-
-def resolve_group(group_name: str):
-    """The torch.distributed process group registered under `group_name`."""
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    try:
-        return _resolve_process_group(group_name)
-    except Exception as e:
-        raise RuntimeError(f"megamoe.fused_moe: no process group named {group_name!r} ({e}); "
-                           "expert parallelism needs torch.distributed initialised on every rank") from None
 
 
 @fused_moe.register_fake
 def _(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel, recipe,
-      routed_scaling_factor, swiglu_limit, group_name="", shared_batch=False):
+      routed_scaling_factor, swiglu_limit, group_name="", shared_batch=False, layer_id=-1):
     check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel, recipe)
     return x.new_empty(x.shape)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import quant, recipes
-from .fused_moe import register_kernel, resolve_group
+from . import groups, quant, recipes
+from .fused_moe import register_kernel
 
 _DEQUANTIZE = {"fp8": quant.dequantize_fp8_blocks, "mxfp4": quant.dequantize_mxfp4}  # by weight format
 
@@ -57,7 +57,7 @@ def _expert_parallel(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *, r
     every rank's tokens, adds what its own experts contribute, and the sums come back home."""
     import torch.distributed as dist
 
-    group = resolve_group(group_name)
+    group = groups.resolve(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     local = w1.shape[0]
     counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
