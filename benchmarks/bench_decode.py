@@ -198,6 +198,7 @@ def main() -> None:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     if args.dry_run:
         args.batches, args.contexts, args.steps = "1,3", "12,40", min(args.steps, 6)
+        torch.set_num_threads(1)  # tiny ops: threads only contend
     warnings.filterwarnings("ignore")
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
