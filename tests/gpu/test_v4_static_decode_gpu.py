@@ -35,7 +35,6 @@ def test_cuda_graph_decode_matches_transformers(backend, batch, prompt):
     static.generation_config.compile_config = CompileConfig(backend=backend, mode="reduce-overhead", fullgraph=True)
     cache = DeepseekV4StaticCache(static.config, max_batch_size=4, max_cache_len=prompt + 110, device="cuda",
                                   dtype=torch.float32)
-    ids = prompts(batch, prompt).cuda()
     torch._dynamo.utils.counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for seed in (1, 2):  # the second prompt replays the captured graph over the reset cache
