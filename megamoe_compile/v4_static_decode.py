@@ -55,7 +55,8 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
         return model
     for attention in attentions:
         original = type(attention).forward
-        attention.forward = types.MethodType(functools.partial(_attention_forward, original=original), attention)
+        attention.forward = types.MethodType(
+            functools.partial(_attention_forward, original=original, cache_name=_cache_argument()), attention)
     restore = {"had_flag": "_can_compile_fullgraph" in vars(model), "flag": vars(model).get("_can_compile_fullgraph")}
     model._can_compile_fullgraph = True
     if hasattr(model, "generate"):
@@ -87,7 +88,8 @@ def disable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
 # -- generate(): early, clear errors ------------------------------------------------------------------
 
 def _cache_argument() -> str:
-    """The name generate() takes the cache by: "cache" from transformers 5.24, "past_key_values" before."""
+    """The name generate() and the V4 modules take the cache by: "cache" from transformers 5.24,
+    "past_key_values" before."""
     from transformers.generation import utils
 
     return utils.ALL_CACHE_NAMES[0]
@@ -140,8 +142,8 @@ def _check_generate_call(model, cache: DeepseekV4StaticCache, args, kwargs) -> N
 # -- the decode forwards --------------------------------------------------------------------------------
 
 def _attention_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, *args,
-                       original, **kwargs):
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+                       original, cache_name, **kwargs):
+    cache = kwargs.get(cache_name)
     if args or not isinstance(cache, DeepseekV4StaticCache) or hidden_states.shape[1] != 1:
         return original(self, hidden_states, position_embeddings, position_ids, attention_mask, *args, **kwargs)
     return attention_decode(self, hidden_states, position_embeddings, position_ids, attention_mask, cache)

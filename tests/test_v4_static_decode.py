@@ -17,7 +17,7 @@ from transformers import CompileConfig, DeepseekV4Config, DeepseekV4ForCausalLM,
 
 import megamoe_compile as mc
 from megamoe_compile.v4_static_cache import DeepseekV4StaticCache
-from megamoe_compile.v4_static_decode import disable_static_decode, enable_static_decode
+from megamoe_compile.v4_static_decode import _cache_argument, disable_static_decode, enable_static_decode
 
 VOCAB = 128
 CSA_RATE, HCA_RATE, WINDOW = 4, 8, 6
@@ -72,11 +72,26 @@ def generate(model, ids, new_tokens, cache=None, attention_mask=None, **kwargs):
         return model.generate(ids, **options)
 
 
+def forward(model, ids, cache):
+    """One plain forward over `cache` (transformers 5.24 names the argument `cache`, 5.23 `past_key_values`)."""
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=True, **{_cache_argument(): cache})
+
+
 def assert_same_generation(got, expected):
     assert torch.equal(got.sequences, expected.sequences), (got.sequences, expected.sequences)
     assert len(got.logits) == len(expected.logits)
     for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, step=step: f"step {step}: {m}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny ops: on a small shared machine more threads only contend (about 5x slower on 2 busy cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +222,9 @@ def test_sequence_past_max_cache_len_is_refused(models):
         generate(static, prompts(1, 5), 10, cache=cache)  # refused before anything runs
     assert cache.get_seq_length() == 0
     # Stepping the model by hand: the step that would pass capacity raises, the cache stays as it was.
-    with torch.no_grad():
-        static(input_ids=prompts(1, 12), cache=cache, use_cache=True)
-        with pytest.raises(ValueError, match="12 cached tokens \\+ 1 new would pass max_cache_len=12"):
-            static(input_ids=prompts(1, 1), cache=cache, use_cache=True)
+    forward(static, prompts(1, 12), cache)
+    with pytest.raises(ValueError, match="12 cached tokens \\+ 1 new would pass max_cache_len=12"):
+        forward(static, prompts(1, 1), cache)
     assert cache.get_seq_length() == 12
 
 
@@ -221,9 +235,8 @@ def test_batch_above_max_batch_size_is_refused(models):
         generate(static, prompts(3, 4), 4, cache=cache)
     with pytest.raises(ValueError, match="batch 4 is above max_batch_size=2"):
         generate(static, prompts(2, 4), 4, cache=cache, do_sample=True, num_return_sequences=2)
-    with torch.no_grad():
-        with pytest.raises(ValueError, match="batch 3 is above max_batch_size=2"):
-            static(input_ids=prompts(3, 4), cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="batch 3 is above max_batch_size=2"):
+        forward(static, prompts(3, 4), cache)
 
 
 @pytest.mark.parametrize("kwargs, what", [
@@ -252,5 +265,5 @@ def test_non_v4_models_are_refused():
 def test_cache_dtype_must_match_the_model(models):
     _, static = models
     cache = DeepseekV4StaticCache(static.config, max_batch_size=1, max_cache_len=16, dtype=torch.bfloat16)
-    with torch.no_grad(), pytest.raises(ValueError, match="dtype=model.dtype"):
-        static(input_ids=prompts(1, 4), cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="dtype=model.dtype"):
+        forward(static, prompts(1, 4), cache)
