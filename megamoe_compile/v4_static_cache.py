@@ -158,6 +158,9 @@ class DeepseekV4StaticLayer(CacheLayerMixin):
         """Like `DeepseekV4HCACache.update`: returns the last sliding_window - 1 cached tokens followed by
         the new ones, and keeps the last sliding_window tokens in the ring."""
         batch, new = key_states.shape[0], key_states.shape[-2]
+        if new == 1:  # enable_static_decode routes every one-token step to its own forward
+            raise RuntimeError("DeepseekV4StaticCache: a one-token step reached transformers' V4 attention; call "
+                               "megamoe_compile.enable_static_decode(model) first (its decode forwards use this cache)")
         self.check_batch(batch)
         seen = self.get_seq_length()
         self.check_room(seen, new)
@@ -244,6 +247,9 @@ class DeepseekV4StaticLayer(CacheLayerMixin):
         self.seen.add_(1)
 
     def _check_dtype(self, tensor: torch.Tensor, what: str) -> None:
+        if tensor.device != self.keys.device:
+            raise ValueError(f"DeepseekV4StaticCache was built on {self.keys.device}, but {what} is on {tensor.device}; "
+                             "build it with device=model.device")
         if tensor.dtype != self.dtype:
             raise ValueError(f"DeepseekV4StaticCache was built with dtype={self.dtype}, but {what} is {tensor.dtype}; "
                              "build it with dtype=model.dtype")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 
 import torch
 
@@ -53,6 +54,16 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
                         "(no DeepseekV4Attention module)")
     if getattr(model, _ENABLED, False):
         return model
+    missing = sorted({f"{type(mod).__name__}.{name}" for attention in attentions
+                      for mod, names in _modules_used(attention) for name in names if not hasattr(mod, name)})
+    if missing:
+        import transformers
+
+        raise TypeError(f"enable_static_decode: transformers {transformers.__version__}'s DeepSeek-V4 attention lacks "
+                        f"what the decode forwards use ({', '.join(missing)}); tested with {hf.tested_range_text()}")
+    if hf.untested_transformers():
+        warnings.warn(f"enable_static_decode: {hf.untested_transformers()}; its decode forwards replicate the V4 "
+                      f"attention code of {hf.tested_range_text()}", stacklevel=2)
     for attention in attentions:
         original = type(attention).forward
         attention.forward = types.MethodType(
@@ -63,6 +74,22 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
         model.generate = types.MethodType(functools.partial(_checked_generate, original=type(model).generate), model)
     setattr(model, _ENABLED, restore)
     return model
+
+
+# What the decode forwards read from transformers' V4 modules (checked when they are installed).
+_ATTENTION_USES = ("layer_idx", "head_dim", "rope_layer_type", "q_a_proj", "q_a_norm", "q_b_proj", "q_b_norm", "kv_proj",
+                   "kv_norm", "o_a_proj", "o_b_proj", "sinks", "scaling", "sliding_window", "compressor", "config")
+_COMPRESSOR_USES = ("kv_proj", "gate_proj", "position_bias", "kv_norm", "rotary_emb", "rope_layer_type")
+_INDEXER_USES = _COMPRESSOR_USES + ("q_b_proj", "scorer", "head_dim", "index_topk", "compress_rate")
+
+
+def _modules_used(attention):
+    yield attention, _ATTENTION_USES
+    compressor = getattr(attention, "compressor", None)
+    if compressor is not None:
+        yield compressor, _COMPRESSOR_USES
+        if hasattr(compressor, "indexer"):
+            yield compressor.indexer, _INDEXER_USES
 
 
 def disable_static_decode(model: torch.nn.Module) -> torch.nn.Module:

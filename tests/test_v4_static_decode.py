@@ -66,7 +66,7 @@ def generate(model, ids, new_tokens, cache=None, attention_mask=None, **kwargs):
                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                    output_logits=True, return_dict_in_generate=True)
     if cache is not None:
-        options["cache"] = cache
+        options[_cache_argument()] = cache  # 5.23: past_key_values (the enabled models take either)
     options.update(kwargs)
     with torch.no_grad():
         return model.generate(ids, **options)
@@ -141,8 +141,9 @@ def test_left_padded_batch_matches_transformers(models):
     mask[1, :1] = 0
     ids = ids * mask
     expected = generate(reference, ids, 24, attention_mask=mask)
-    got = generate(static, ids, 24, cache=DeepseekV4StaticCache(static.config, max_batch_size=3, max_cache_len=40),
-                   attention_mask=mask)
+    # Passed as past_key_values: the enabled generate() takes either name on either transformers release.
+    got = generate(static, ids, 24, attention_mask=mask,
+                   past_key_values=DeepseekV4StaticCache(static.config, max_batch_size=3, max_cache_len=40))
     assert_same_generation(got, expected)
 
 
@@ -260,6 +261,13 @@ def test_non_v4_models_are_refused():
         enable_static_decode(LlamaForCausalLM(llama))
     with pytest.raises(TypeError, match="needs a DeepSeek-V4 config"):
         DeepseekV4StaticCache(llama, max_batch_size=1, max_cache_len=8)
+
+
+def test_static_cache_without_the_decode_forwards_is_refused(models):
+    reference, _ = models  # transformers' own attention, not enabled
+    cache = DeepseekV4StaticCache(reference.config, max_batch_size=1, max_cache_len=16)
+    with pytest.raises(RuntimeError, match="enable_static_decode"):
+        generate(reference, prompts(1, 4), 3, cache=cache)
 
 
 def test_cache_dtype_must_match_the_model(models):
