@@ -30,8 +30,6 @@ top-k order among ties depends on the length). Real models (64 index heads) prac
 
 from __future__ import annotations
 
-import functools
-import types
 import warnings
 
 import torch
@@ -65,13 +63,11 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
         warnings.warn(f"enable_static_decode: {hf.untested_transformers()}; its decode forwards replicate the V4 "
                       f"attention code of {hf.tested_range_text()}", stacklevel=2)
     for attention in attentions:
-        original = type(attention).forward
-        attention.forward = types.MethodType(
-            functools.partial(_attention_forward, original=original, cache_name=_cache_argument()), attention)
+        attention.forward = StaticDecodeForward(attention)
     restore = {"had_flag": "_can_compile_fullgraph" in vars(model), "flag": vars(model).get("_can_compile_fullgraph")}
     model._can_compile_fullgraph = True
     if hasattr(model, "generate"):
-        model.generate = types.MethodType(functools.partial(_checked_generate, original=type(model).generate), model)
+        model.generate = CheckedGenerate(model)
     setattr(model, _ENABLED, restore)
     return model
 
@@ -122,17 +118,23 @@ def _cache_argument() -> str:
     return utils.ALL_CACHE_NAMES[0]
 
 
-def _checked_generate(self, *args, original, **kwargs):
-    """transformers' generate(), after refusing what a `DeepseekV4StaticCache` cannot serve. Takes the
-    cache as `cache=` or `past_key_values=` on either transformers release."""
-    cache = kwargs.pop("cache", None)
-    legacy = kwargs.pop("past_key_values", None)
-    cache = cache if cache is not None else legacy
-    if isinstance(cache, DeepseekV4StaticCache):
-        _check_generate_call(self, cache, args, kwargs)
-    if cache is not None:
-        kwargs[_cache_argument()] = cache
-    return original(self, *args, **kwargs)
+class CheckedGenerate:
+    """The `generate` enable_static_decode installs: transformers' generate(), after refusing what a
+    `DeepseekV4StaticCache` cannot serve. Takes the cache as `cache=` or `past_key_values=` on either
+    transformers release. (An object rather than a bound function: enabled models still pickle.)"""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        cache = kwargs.pop("cache", None)
+        legacy = kwargs.pop("past_key_values", None)
+        cache = cache if cache is not None else legacy
+        if isinstance(cache, DeepseekV4StaticCache):
+            _check_generate_call(self.model, cache, args, kwargs)
+        if cache is not None:
+            kwargs[_cache_argument()] = cache
+        return type(self.model).generate(self.model, *args, **kwargs)
 
 
 def _check_generate_call(model, cache: DeepseekV4StaticCache, args, kwargs) -> None:
@@ -168,12 +170,21 @@ def _check_generate_call(model, cache: DeepseekV4StaticCache, args, kwargs) -> N
 
 # -- the decode forwards --------------------------------------------------------------------------------
 
-def _attention_forward(self, hidden_states, position_embeddings, position_ids, attention_mask, *args,
-                       original, cache_name, **kwargs):
-    cache = kwargs.get(cache_name)
-    if args or not isinstance(cache, DeepseekV4StaticCache) or hidden_states.shape[1] != 1:
-        return original(self, hidden_states, position_embeddings, position_ids, attention_mask, *args, **kwargs)
-    return attention_decode(self, hidden_states, position_embeddings, position_ids, attention_mask, cache)
+class StaticDecodeForward:
+    """The forward enable_static_decode installs on one `DeepseekV4Attention`: `attention_decode` for a
+    one-token step over a `DeepseekV4StaticCache`, the class's own forward otherwise."""
+
+    def __init__(self, attention):
+        self.attention = attention
+        self.cache_name = _cache_argument()  # looked up once: no import inside a traced forward
+
+    def __call__(self, hidden_states, position_embeddings, position_ids, attention_mask, *args, **kwargs):
+        attention = self.attention
+        cache = kwargs.get(self.cache_name)
+        if args or not isinstance(cache, DeepseekV4StaticCache) or hidden_states.shape[1] != 1:
+            return type(attention).forward(attention, hidden_states, position_embeddings, position_ids,
+                                           attention_mask, *args, **kwargs)
+        return attention_decode(attention, hidden_states, position_embeddings, position_ids, attention_mask, cache)
 
 
 def attention_decode(self, hidden_states, position_embeddings, position_ids, attention_mask, cache):

@@ -10,6 +10,7 @@ The indexer has 16 heads so that its scores do not tie exactly at the top-k boun
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -209,6 +210,9 @@ def test_disable_restores_transformers():
     enable_static_decode(model)  # idempotent
     attention = model.model.layers[0].self_attn
     assert "forward" in vars(attention) and "generate" in vars(model)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # enabled models copy and pickle
+        twin_attention = twin.model.layers[0].self_attn
+        assert twin_attention.forward.attention is twin_attention and twin.generate.model is twin
     disable_static_decode(model)
     assert "forward" not in vars(attention) and "generate" not in vars(model)
     assert model._can_compile_fullgraph is original_flag
