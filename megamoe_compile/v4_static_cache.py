@@ -257,8 +257,9 @@ class DeepseekV4StaticLayer(CacheLayerMixin):
     # -- what the cache cannot do --------------------------------------------------------------------
 
     def reset(self) -> None:
-        for t in self.tensors():
-            t.zero_()
+        """Empty, in place (the buffers keep their addresses, which captured CUDA graphs read)."""
+        self.keys.zero_()
+        self.seen.zero_()
         for state in self.compressors.values():
             state.reset()
         self.batch_size = None
@@ -320,9 +321,3 @@ class DeepseekV4StaticCache(Cache):
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
-
-    def check_generate(self, batch: int, total_length: int) -> None:
-        """Raise, before anything runs, when `batch` sequences of `total_length` tokens do not fit."""
-        if batch > self.max_batch_size:
-            self.layers[0].check_batch(batch)
-        self.layers[0].check_room(self.get_seq_length(), max(total_length - self.get_seq_length(), 0))
