@@ -148,6 +148,17 @@ def test_left_padded_batch_matches_transformers(models):
     assert_same_generation(got, expected)
 
 
+def test_sampling_draws_the_same_tokens(models):
+    reference, static = models
+    ids = prompts(3, 5)
+    torch.manual_seed(0)
+    expected = generate(reference, ids, 24, do_sample=True, top_k=0)
+    torch.manual_seed(0)
+    got = generate(static, ids, 24, do_sample=True, top_k=0,
+                   cache=DeepseekV4StaticCache(static.config, max_batch_size=3, max_cache_len=32))
+    assert_same_generation(got, expected)
+
+
 def test_eager_static_decode_matches_transformers(models):
     """Without compile_config the same forwards run eagerly (and a plain loop of model calls)."""
     reference, static = models
