@@ -38,6 +38,9 @@ from . import hf
 from .v4_static_cache import HCA, UNSUPPORTED_GENERATE, CompressorState, DeepseekV4StaticCache, DeepseekV4StaticLayer
 
 _ENABLED = "_megamoe_static_decode"
+# transformers' modeling_deepseek_v4, resolved by enable_static_decode: the traced forwards read it
+# as a global (dynamo cannot trace an import of transformers' lazy modules on every torch release).
+_V4 = None
 
 
 def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
@@ -62,6 +65,8 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
     if hf.untested_transformers():
         warnings.warn(f"enable_static_decode: {hf.untested_transformers()}; its decode forwards replicate the V4 "
                       f"attention code of {hf.tested_range_text()}", stacklevel=2)
+    global _V4
+    _V4 = m
     for attention in attentions:
         attention.forward = StaticDecodeForward(attention)
     restore = {"had_flag": "_can_compile_fullgraph" in vars(model), "flag": vars(model).get("_can_compile_fullgraph")}
@@ -189,7 +194,7 @@ class StaticDecodeForward:
 
 def attention_decode(self, hidden_states, position_embeddings, position_ids, attention_mask, cache):
     """`DeepseekV4Attention.forward` for one token per sequence over a `DeepseekV4StaticCache`."""
-    m = hf.v4_classes()
+    m = _V4
     apply_rope = m.apply_rotary_pos_emb
     layer: DeepseekV4StaticLayer = cache.layers[self.layer_idx]
     batch = hidden_states.shape[0]
@@ -261,7 +266,7 @@ def csa_compressor_decode(self, hidden_states, q_residual, position_ids, layer: 
 def indexer_decode(self, hidden_states, q_residual, position_ids, layer: DeepseekV4StaticLayer):
     """`DeepseekV4Indexer.forward` for one token: top-k pool slots [B, 1, min(index_topk, C)], -1
     where transformers returns -1 (picks the query may not see) or has no entry (fewer entries than k)."""
-    m = hf.v4_classes()
+    m = _V4
     state = layer.compressors["indexer"]
     batch, seq_len, _ = hidden_states.shape
     kv = self.kv_proj(hidden_states)
@@ -287,7 +292,7 @@ def _push_and_close_window(module, state: CompressorState, kv: torch.Tensor, gat
     """Append one token's (kv, gate) [B, width] to the pending window; where that closes the window,
     write its compressed entry (transformers' compressor math for one window) into the pool and, for
     CSA, keep its Ca half as the overlap state. Fixed shapes: the entry is computed every step."""
-    m = hf.v4_classes()
+    m = _V4
     batch, rate, head_dim = kv.shape[0], state.rate, state.head_dim
     count = state.pending_count
     closes = count == rate - 1
