@@ -223,7 +223,8 @@ def main() -> None:
         model.generation_config.compile_config = None
         static = variant.startswith("static")
         if variant == "hf_compile":
-            model.forward = torch.compile(original_forward, dynamic=True, **({"backend": "eager"} if args.dry_run else {}))
+            backend = {"backend": "eager"} if args.dry_run else {}
+            model.forward = torch.compile(original_forward, dynamic=True, **backend)
         elif static:
             if variant == "static_megamoe":
                 mc.prepare(model, mc.MegaMoEConfig())
@@ -262,7 +263,8 @@ def main() -> None:
                         reference[key] = tokens
                     if key in reference:
                         row["agreement_with_eager"] = (tokens == reference[key]).float().mean().item()
-                    row["fused_moe_layers"] = sum(p.fuse for p in mc.layer_plans(model)) if variant == "static_megamoe" else 0
+                    fused = sum(p.fuse for p in mc.layer_plans(model)) if variant == "static_megamoe" else 0
+                    row["fused_moe_layers"] = fused
                 except Exception as e:  # noqa: BLE001 (one failed cell, e.g. out of memory, must not stop the run)
                     traceback.print_exc()
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -305,8 +307,9 @@ def main() -> None:
             print(f"{head} | - | {r['ms_per_step']:.3f} | - | - | - | {r['fused_moe_layers']}")
         else:
             agreement = r.get("agreement_with_eager")
+            agreement = "-" if agreement is None else f"{agreement:.2f}"
             print(f"{head} | {r['ttft_s']:.3f} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:.1f} | "
-                  f"{r['compile_s']:.1f} | {'-' if agreement is None else f'{agreement:.2f}'} | {r['fused_moe_layers']}")
+                  f"{r['compile_s']:.1f} | {agreement} | {r['fused_moe_layers']}")
     print(f"json: {args.out}")
 
 

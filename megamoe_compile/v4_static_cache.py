@@ -94,7 +94,8 @@ class DeepseekV4StaticLayer(CacheLayerMixin):
             rate = config.compress_rates[CSA]
             capacity = math.ceil(max_cache_len / rate)
             self.compressors["compressor"] = CompressorState(
-                rate=rate, width=2 * config.head_dim, head_dim=config.head_dim, overlap=True, capacity=capacity, **common)
+                rate=rate, width=2 * config.head_dim, head_dim=config.head_dim, overlap=True, capacity=capacity,
+                **common)
             self.compressors["indexer"] = CompressorState(
                 rate=rate, width=2 * config.index_head_dim, head_dim=config.index_head_dim, overlap=True,
                 capacity=capacity, **common)
@@ -136,7 +137,8 @@ class DeepseekV4StaticLayer(CacheLayerMixin):
     def check_room(self, seen: int, new: int) -> None:
         if seen + new > self.max_cache_len:
             raise ValueError(
-                f"DeepseekV4StaticCache: {seen} cached tokens + {new} new would pass max_cache_len={self.max_cache_len}; "
+                f"DeepseekV4StaticCache: {seen} cached tokens + {new} new would pass "
+                f"max_cache_len={self.max_cache_len}; "
                 "build the cache with max_cache_len >= prompt length + max_new_tokens (or call cache.reset() "
                 "before a new prompt)")
 
@@ -248,8 +250,8 @@ class DeepseekV4StaticLayer(CacheLayerMixin):
 
     def _check_dtype(self, tensor: torch.Tensor, what: str) -> None:
         if tensor.device != self.keys.device:
-            raise ValueError(f"DeepseekV4StaticCache was built on {self.keys.device}, but {what} is on {tensor.device}; "
-                             "build it with device=model.device")
+            raise ValueError(f"DeepseekV4StaticCache was built on {self.keys.device}, but {what} is on "
+                             f"{tensor.device}; build it with device=model.device")
         if tensor.dtype != self.dtype:
             raise ValueError(f"DeepseekV4StaticCache was built with dtype={self.dtype}, but {what} is {tensor.dtype}; "
                              "build it with dtype=model.dtype")

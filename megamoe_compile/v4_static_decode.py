@@ -78,8 +78,9 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # What the decode forwards read from transformers' V4 modules (checked when they are installed).
-_ATTENTION_USES = ("layer_idx", "head_dim", "rope_layer_type", "q_a_proj", "q_a_norm", "q_b_proj", "q_b_norm", "kv_proj",
-                   "kv_norm", "o_a_proj", "o_b_proj", "sinks", "scaling", "sliding_window", "compressor", "config")
+_ATTENTION_USES = ("layer_idx", "head_dim", "rope_layer_type", "q_a_proj", "q_a_norm", "q_b_proj", "q_b_norm",
+                   "kv_proj", "kv_norm", "o_a_proj", "o_b_proj", "sinks", "scaling", "sliding_window", "compressor",
+                   "config")
 _COMPRESSOR_USES = ("kv_proj", "gate_proj", "position_bias", "kv_norm", "rotary_emb", "rope_layer_type")
 _INDEXER_USES = _COMPRESSOR_USES + ("q_b_proj", "scorer", "head_dim", "index_topk", "compress_rate")
 
