@@ -43,7 +43,7 @@ from transformers import CompileConfig, DeepseekV4Config, DeepseekV4ForCausalLM,
 import megamoe_compile as mc
 from megamoe_compile.experts import kernel_ready
 from megamoe_compile.v4_static_cache import DeepseekV4StaticCache
-from megamoe_compile.v4_static_decode import disable_static_decode, enable_static_decode
+from megamoe_compile.v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 
 VARIANTS = ("hf_eager", "hf_compile", "static_inductor", "static_megamoe", "moe_kernel")
 
@@ -101,8 +101,8 @@ def prefill(model, ids: torch.Tensor, cache, chunk_tokens: int) -> None:
         for start in range(0, length - 1, chunk):
             stop = min(start + chunk, length - 1)
             position_ids = torch.arange(start, stop, device=ids.device).unsqueeze(0).expand(batch, -1)
-            model(input_ids=ids[:, start:stop], position_ids=position_ids, cache=cache, use_cache=True,
-                  logits_to_keep=1)
+            model(input_ids=ids[:, start:stop], position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                  **{cache_keyword(): cache})
 
 
 def sync(device: torch.device) -> None:
@@ -118,8 +118,9 @@ def run_generate(model, ids, cache, steps: int, chunk_tokens: int):
     start = time.perf_counter()
     prefill(model, ids, cache, chunk_tokens)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=steps + 1,
-                             min_new_tokens=steps + 1, do_sample=False, logits_processor=[clock])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 1,
+                             min_new_tokens=steps + 1, do_sample=False, logits_processor=[clock],
+                             **{cache_keyword(): cache})
     sync(device)
     ttft = clock.times[0] - start
     return out[:, ids.shape[1]:], ttft, clock.step_seconds()

@@ -116,9 +116,9 @@ def disable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
 
 # -- generate(): early, clear errors ------------------------------------------------------------------
 
-def _cache_argument() -> str:
-    """The name generate() and the V4 modules take the cache by: "cache" from transformers 5.24,
-    "past_key_values" before."""
+def cache_keyword() -> str:
+    """The keyword generate() and the V4 forwards take the cache by: "cache" from transformers 5.24,
+    "past_key_values" before (`model(**{cache_keyword(): cache}, ...)` works on both)."""
     from transformers.generation import utils
 
     return utils.ALL_CACHE_NAMES[0]
@@ -139,7 +139,7 @@ class CheckedGenerate:
         if isinstance(cache, DeepseekV4StaticCache):
             _check_generate_call(self.model, cache, args, kwargs)
         if cache is not None:
-            kwargs[_cache_argument()] = cache
+            kwargs[cache_keyword()] = cache
         return type(self.model).generate(self.model, *args, **kwargs)
 
 
@@ -182,7 +182,7 @@ class StaticDecodeForward:
 
     def __init__(self, attention):
         self.attention = attention
-        self.cache_name = _cache_argument()  # looked up once: no import inside a traced forward
+        self.cache_name = cache_keyword()  # looked up once: no import inside a traced forward
 
     def __call__(self, hidden_states, position_embeddings, position_ids, attention_mask, *args, **kwargs):
         attention = self.attention

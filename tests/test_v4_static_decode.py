@@ -18,7 +18,7 @@ from transformers import CompileConfig, DeepseekV4Config, DeepseekV4ForCausalLM,
 
 import megamoe_compile as mc
 from megamoe_compile.v4_static_cache import DeepseekV4StaticCache
-from megamoe_compile.v4_static_decode import _cache_argument, disable_static_decode, enable_static_decode
+from megamoe_compile.v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 
 VOCAB = 128
 CSA_RATE, HCA_RATE, WINDOW = 4, 8, 6
@@ -67,7 +67,7 @@ def generate(model, ids, new_tokens, cache=None, attention_mask=None, **kwargs):
                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                    output_logits=True, return_dict_in_generate=True)
     if cache is not None:
-        options[_cache_argument()] = cache  # 5.23: past_key_values (the enabled models take either)
+        options[cache_keyword()] = cache  # 5.23: past_key_values (the enabled models take either)
     options.update(kwargs)
     with torch.no_grad():
         return model.generate(ids, **options)
@@ -76,7 +76,7 @@ def generate(model, ids, new_tokens, cache=None, attention_mask=None, **kwargs):
 def forward(model, ids, cache):
     """One plain forward over `cache` (transformers 5.24 names the argument `cache`, 5.23 `past_key_values`)."""
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=True, **{_cache_argument(): cache})
+        return model(input_ids=ids, use_cache=True, **{cache_keyword(): cache})
 
 
 def assert_same_generation(got, expected):
