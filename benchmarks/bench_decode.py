@@ -45,6 +45,9 @@ from megamoe_compile.experts import kernel_ready
 from megamoe_compile.v4_static_cache import DeepseekV4StaticCache
 from megamoe_compile.v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_moe_block import graphed, time_ms as cuda_time_ms  # noqa: E402  (the house helpers)
+
 VARIANTS = ("hf_eager", "hf_compile", "static_inductor", "static_megamoe", "moe_kernel")
 
 
@@ -153,29 +156,16 @@ def moe_kernel_ms(model, batch: int, device: torch.device, reps: int) -> float |
     return total
 
 
-def graphed(fn):
-    """Capture fn() (after a warm-up on a side stream) into a CUDA graph; returns replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def time_ms(fn, device: torch.device, reps: int) -> float:
+    """Median milliseconds per call: bench_moe_block's CUDA-event timer on a GPU, wall clock on CPU."""
+    if device.type == "cuda":
+        return cuda_time_ms(fn, warmup=3, reps=reps)
     for _ in range(3):
         fn()
-    sync(device)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
