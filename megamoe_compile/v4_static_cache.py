@@ -217,7 +217,8 @@ class DeepseekV4StaticLayer(CacheLayerMixin):
         batch = chunk_kv.shape[0]
         prior = (None, None)
         if int(state.entry_count) > 0:  # a window closed before: transformers then holds an overlap
-            prior = (state.overlap_kv[:batch].clone(), state.overlap_gate[:batch].to(chunk_gate.dtype))
+            # Copies: the state is overwritten below (`.to` of a float32 gate would alias it).
+            prior = (state.overlap_kv[:batch].clone(), state.overlap_gate[:batch].to(chunk_gate.dtype, copy=True))
         state.overlap_kv[:batch] = chunk_kv[:, -1, :, :head_dim]
         state.overlap_gate[:batch] = chunk_gate[:, -1, :, :head_dim]
         return prior
