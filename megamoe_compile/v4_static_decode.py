@@ -155,8 +155,6 @@ def _check_generate_call(model, cache: DeepseekV4StaticCache, args, kwargs) -> N
         unsupported.append("assisted / prompt-lookup decoding")
     if (setting("penalty_alpha") or 0) > 0 and (setting("top_k") or 0) > 1:
         unsupported.append("contrastive search")
-    if setting("prefill_chunk_size") is not None:
-        unsupported.append("chunked prefill (prefill_chunk_size)")
     if unsupported:
         raise NotImplementedError(f"generate() with a DeepseekV4StaticCache does not support {', '.join(unsupported)}; "
                                   f"it serves greedy and sampled decoding (not {UNSUPPORTED_GENERATE})")

@@ -165,6 +165,14 @@ def test_chunked_prefill_then_generate_continues_like_transformers(models, chunk
     assert_same_generation(outputs["static"][1], outputs["dynamic"][1])
 
 
+def test_generate_with_chunked_prefill(models):
+    reference, static = models
+    ids = prompts(2, 13)
+    got = generate(static, ids, 20, cache=DeepseekV4StaticCache(static.config, max_batch_size=2, max_cache_len=40),
+                   prefill_chunk_size=4)
+    assert_same_generation(got, generate(reference, ids, 20))
+
+
 def test_sampling_draws_the_same_tokens(models):
     reference, static = models
     ids = prompts(3, 5)
@@ -275,7 +283,6 @@ def test_batch_above_max_batch_size_is_refused(models):
 @pytest.mark.parametrize("kwargs, what", [
     (dict(num_beams=2), "beam search"),
     (dict(prompt_lookup_num_tokens=2), "prompt-lookup"),
-    (dict(prefill_chunk_size=4), "chunked prefill"),
 ])
 def test_unsupported_generate_features_are_named(models, kwargs, what):
     _, static = models
