@@ -23,6 +23,7 @@ step, where `generate()` builds masks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -80,6 +81,7 @@ class DeepseekV4StaticLayer(CacheLayerMixin):
         self.max_batch_size, self.max_cache_len = max_batch_size, max_cache_len
         self.dtype, self.device = dtype, device
         self.batch_size = None  # set by the first forward (prefill) after a reset
+        self.host_seen: int | None = None  # see DeepseekV4StaticCache.host_length
         self.keys = torch.zeros(max_batch_size, 1, self.sliding_window, config.head_dim, dtype=dtype, device=device)
         self.values = self.keys  # K = V in V4 (shared-KV MQA)
         self.seen = torch.zeros((), dtype=torch.long, device=device)
@@ -118,7 +120,8 @@ class DeepseekV4StaticLayer(CacheLayerMixin):
     # -- host-side queries (outside the compiled step) --------------------------------------------
 
     def get_seq_length(self) -> int:
-        return int(self.seen)
+        """Tokens cached: a device-to-host copy, unless a `host_length` snapshot is in force."""
+        return self.host_seen if self.host_seen is not None else int(self.seen)
 
     def get_max_length(self) -> int:
         return self.max_cache_len
@@ -324,3 +327,16 @@ class DeepseekV4StaticCache(Cache):
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
+
+    @contextlib.contextmanager
+    def host_length(self):
+        """Within it, the host reads the token count once, not once per query: generate() asks for
+        sizes six times while it builds one step's masks (enable_static_decode wraps that in this)."""
+        seen = int(self.layers[0].seen)  # every forward advances every layer alike
+        for layer in self.layers:
+            layer.host_seen = seen
+        try:
+            yield seen
+        finally:
+            for layer in self.layers:
+                layer.host_seen = None

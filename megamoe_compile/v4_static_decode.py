@@ -73,6 +73,7 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
     model._can_compile_fullgraph = True
     if hasattr(model, "generate"):
         model.generate = CheckedGenerate(model)
+        model.prepare_inputs_for_generation = PrepareInputsReadingLengthOnce(model)
     setattr(model, _ENABLED, restore)
     return model
 
@@ -106,8 +107,9 @@ def disable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
     del model._can_compile_fullgraph
     if restore["had_flag"]:
         model._can_compile_fullgraph = restore["flag"]
-    if "generate" in vars(model):
-        del model.generate
+    for name in ("generate", "prepare_inputs_for_generation"):
+        if name in vars(model):
+            delattr(model, name)
     delattr(model, _ENABLED)
     if hasattr(model, "_compiled_call"):
         del model._compiled_call  # compiled with the decode forwards: drop it with them
@@ -141,6 +143,23 @@ class CheckedGenerate:
         if cache is not None:
             kwargs[cache_keyword()] = cache
         return type(self.model).generate(self.model, *args, **kwargs)
+
+
+class PrepareInputsReadingLengthOnce:
+    """transformers' prepare_inputs_for_generation (run once a step, outside the compiled step), with
+    the static cache's token count read from the device once (`DeepseekV4StaticCache.host_length`)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache_name = cache_keyword()
+
+    def __call__(self, *args, **kwargs):
+        cache = kwargs.get(self.cache_name)
+        prepare = type(self.model).prepare_inputs_for_generation
+        if not isinstance(cache, DeepseekV4StaticCache):
+            return prepare(self.model, *args, **kwargs)
+        with cache.host_length():
+            return prepare(self.model, *args, **kwargs)
 
 
 def _check_generate_call(model, cache: DeepseekV4StaticCache, args, kwargs) -> None:

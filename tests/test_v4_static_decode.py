@@ -135,6 +135,28 @@ def test_compiled_static_decode_matches_transformers(models, batch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the decode step, fullgraph
 
 
+def test_the_host_reads_the_length_once_a_step(models, monkeypatch):
+    _, static = models
+    reads = []
+    original = DeepseekV4StaticCache.host_length
+
+    def counted(self):
+        reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(DeepseekV4StaticCache, "host_length", counted)
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t, f=torch.Tensor.__int__: calls.append(1) or f(t))
+    counts = []
+    for new_tokens in (10, 20):
+        calls.clear()
+        cache = DeepseekV4StaticCache(static.config, max_batch_size=1, max_cache_len=24)
+        generate(static, prompts(1, 3), new_tokens, cache=cache, disable_compile=True)
+        counts.append(len(calls))
+    assert len(reads) == 10 + 20  # one snapshot a step (prefill and every decode step)
+    assert counts[1] - counts[0] == 10  # ten more steps, ten more device-to-host reads: one a step
+
+
 def test_left_padded_batch_matches_transformers(models):
     reference, static = models
     ids = prompts(3, 9)
@@ -245,12 +267,12 @@ def test_disable_restores_transformers():
     enable_static_decode(model)
     enable_static_decode(model)  # idempotent
     attention = model.model.layers[0].self_attn
-    assert "forward" in vars(attention) and "generate" in vars(model)
+    assert {"generate", "prepare_inputs_for_generation"} <= set(vars(model)) and "forward" in vars(attention)
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # enabled models copy and pickle
         twin_attention = twin.model.layers[0].self_attn
         assert twin_attention.forward.attention is twin_attention and twin.generate.model is twin
     disable_static_decode(model)
-    assert "forward" not in vars(attention) and "generate" not in vars(model)
+    assert not {"generate", "prepare_inputs_for_generation"} & set(vars(model)) and "forward" not in vars(attention)
     assert model._can_compile_fullgraph is original_flag
 
 
