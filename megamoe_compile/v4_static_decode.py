@@ -4,7 +4,7 @@
     model.generation_config.compile_config = CompileConfig(backend="megamoe", fullgraph=True)
     cache = mc.DeepseekV4StaticCache(model.config, max_batch_size=8, max_cache_len=4096,
                                      device=model.device, dtype=model.dtype)
-    out = model.generate(input_ids, cache=cache, max_new_tokens=256)   # 5.23: past_key_values=cache
+    out = model.generate(input_ids, cache=cache, max_new_tokens=256)  # or past_key_values=cache
 
 Each `DeepseekV4Attention` gets a forward that, for a one-token step over a `DeepseekV4StaticCache`,
 computes what transformers' V4 attention, compressors and indexer compute on their dynamic cache,
@@ -47,7 +47,13 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
     """Install fixed-shape decode forwards on every V4 attention module of `model` (in place,
     idempotent) and mark the model as fullgraph-compilable, so that `generate()` with a
     `DeepseekV4StaticCache` and `generation_config.compile_config` compiles one decode step.
-    Forwards over other caches are unchanged. Returns `model`."""
+    Forwards over other caches are unchanged. Also wraps the model's `generate` (refuses what the
+    static cache cannot serve before anything runs; takes the cache as `cache=` or
+    `past_key_values=` on transformers 5.23 and 5.24) and `prepare_inputs_for_generation` (one
+    device-to-host read of the cache length a step). Returns `model`.
+
+    transformers' generate() compiles `model.__call__` itself (`get_compiled_call`) on CUDA, or on
+    any device with `compile_config._compile_all_devices = True`; its prefill stays eager."""
     m = hf.v4_classes()
     attentions = [] if m is None else [mod for mod in model.modules() if isinstance(mod, m.DeepseekV4Attention)]
     if not attentions:
