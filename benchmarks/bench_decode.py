@@ -41,7 +41,7 @@ import torch
 from transformers import CompileConfig, DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache, LogitsProcessor
 
 import megamoe_compile as mc
-from megamoe_compile.experts import kernel_ready
+from megamoe_compile.prepare import kernel_ready, plan_of
 from megamoe_compile.v4_static_cache import DeepseekV4StaticCache
 from megamoe_compile.v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 
@@ -134,7 +134,7 @@ def moe_kernel_ms(model, batch: int, device: torch.device, reps: int) -> float |
     total, hidden = 0.0, model.config.hidden_size
     for layer in model.model.layers:
         experts = layer.mlp.experts
-        plan = getattr(experts, "_megamoe_plan", None)
+        plan = plan_of(experts)
         if plan is None or not plan.fuse:
             continue
         x = torch.randn(batch, hidden, device=device, dtype=model.dtype)
@@ -267,7 +267,7 @@ def main() -> None:
         log(f"{variant}: dynamo stats {row_stats}")
     model.forward = original_forward
     if "moe_kernel" in variants:
-        if not any(getattr(layer.mlp.experts, "_megamoe_plan", None) for layer in model.model.layers):
+        if not any(plan_of(layer.mlp) for layer in model.model.layers):
             mc.prepare(model, mc.MegaMoEConfig())
         for batch in batches:
             row = {"variant": "moe_kernel", "batch": batch, "context": None}

@@ -1,4 +1,4 @@
-"""megamoe-compile: `torch.compile(model, backend="megamoe")` for Hugging Face DeepSeek-V4 MoE models.
+"""megamoe-compile: `torch.compile(model, backend="megamoe")` for Hugging Face MoE models, DeepSeek-V4 first.
 
     import megamoe_compile as mc
     mc.prepare(model, mc.MegaMoEConfig(skip_layers=[0]))   # load time: plan + kernel-ready weights
@@ -13,10 +13,13 @@ from .backend import CompiledGraph, MegaMoEBackend, backend, compile, megamoe_ba
 from .config import MegaMoEConfig
 from .explain import LayerReport, MoEReport, explain
 from .prepare import LayerPlan, UnsupportedLayerError, layer_plans, prepare
+from .v4_static_cache import DeepseekV4StaticCache
+from .v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 
 __all__ = [
-    "CompiledGraph", "LayerPlan", "LayerReport", "MegaMoEBackend", "MegaMoEConfig", "MoEReport",
-    "UnsupportedLayerError", "backend", "compile", "explain", "layer_plans", "megamoe_backend", "prepare",
+    "CompiledGraph", "DeepseekV4StaticCache", "LayerPlan", "LayerReport", "MegaMoEBackend", "MegaMoEConfig",
+    "MoEReport", "UnsupportedLayerError", "backend", "cache_keyword", "compile", "disable_static_decode",
+    "enable_static_decode", "explain", "layer_plans", "megamoe_backend", "prepare",
 ]
 __version__ = "0.1.0"
 

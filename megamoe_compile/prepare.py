@@ -426,8 +426,12 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
         elif plan.local_experts is not None:
             source = source.experts(*plan.local_experts)  # this rank's experts only
         weights = layouts.to_recipe(source, spec.weight_format, plan.recipe)
-        weights = get_kernel(plan.kernel).layout(weights, plan.recipe)
+        kernel = get_kernel(plan.kernel)
+        weights = kernel.layout(weights, plan.recipe)
         _reserve(plan, weights.w1.shape[0], config, ep)
+        # Before any CUDA-graph capture: the kernel's JIT compile and first-use allocations.
+        kernel.warm_up(weights, _layer_shape(spec, num_experts=weights.w1.shape[0]), plan.recipe, spec.swiglu_limit,
+                       plan.group_name)
     if plan.recipe == "none" and plan.local_experts is None:
         plan.prepared_bytes = 0  # the kernel reads the model's own weights
         return

@@ -560,6 +560,21 @@ def test_forcing_deepgemm_on_an_unsupported_gpu_raises(install, monkeypatch):
     assert choose_kernel(mc.MegaMoEConfig(), spec(device="cuda"))[0] is None  # auto: left unfused
 
 
+def test_an_sm90_intermediate_over_4096_is_refused_at_load_time(install, monkeypatch):
+    """DeepGEMM's SM90 MegaMoE asserts intermediate / 64 <= 64 only at its first launch (Mixtral-8x7B's
+    14336, measured on an H200): the layer stays unfused, with the reason, instead of failing later."""
+    from megamoe_compile.prepare import choose_kernel
+
+    install("0.1")
+    gpu(monkeypatch)
+    assert deepgemm.kernel_for(spec(device="cuda", intermediate=4096)) == ("deepgemm_sm90", "")
+    kernel, recipe, why = choose_kernel(mc.MegaMoEConfig(), spec(device="cuda", intermediate=14336))
+    assert kernel is None and why == ("deepgemm_sm90 takes moe_intermediate up to 4096 (DeepGEMM's SM90 "
+                                      "MegaMoE: intermediate / 64 <= 64), got 14336")
+    with pytest.raises(mc.UnsupportedLayerError, match="up to 4096"):
+        choose_kernel(mc.MegaMoEConfig(kernel="deepgemm"), spec(device="cuda", intermediate=14336))
+
+
 def test_import_needs_no_deep_gemm():
     code = ("import sys; import megamoe_compile.ops.deepgemm as d; import megamoe_compile.ops as o; "
             "assert 'deep_gemm' not in sys.modules; "

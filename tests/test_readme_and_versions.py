@@ -38,6 +38,15 @@ def test_readme_python_blocks_run(monkeypatch):
         return tiny_model(layers=2, dtype=dtype or torch.float32)  # CPU: device_map is the user's GPU
 
     monkeypatch.setattr(DeepseekV4ForCausalLM, "from_pretrained", staticmethod(from_pretrained))
+    from transformers import AutoModelForCausalLM
+
+    from test_families import family_model
+
+    def family_from_pretrained(path, dtype=None, device_map=None, **kwargs):
+        assert path == "Qwen/Qwen3-30B-A3B", path
+        return family_model("qwen3_moe", dtype=dtype or torch.float32)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", staticmethod(family_from_pretrained))
     blocks = _blocks("python")
     assert len(blocks) >= 2
     namespace = {"path": "deepseek-ai/DeepSeek-V4-Flash", "input_ids": input_ids()}
@@ -47,6 +56,14 @@ def test_readme_python_blocks_run(monkeypatch):
     with torch.no_grad():
         expected = model(ids).logits
     torch.testing.assert_close(namespace["logits"].float(), expected.float(), atol=2e-2, rtol=2e-2)  # bf16
+    v4_tokens, v4_ids = namespace["v4_tokens"], namespace["input_ids"]
+    mc.disable_static_decode(model)
+    with torch.no_grad():  # transformers' own eager generate with its dynamic cache
+        assert torch.equal(v4_tokens, model.generate(v4_ids, max_new_tokens=32, do_sample=False))
+    qwen, tokens = namespace["qwen"], namespace["tokens"]
+    assert mc.layer_plans(qwen) and all(plan.fuse for plan in mc.layer_plans(qwen))
+    with torch.no_grad():  # on CPU transformers does not auto-compile: the tokens are its eager static-cache ones
+        assert torch.equal(tokens, qwen.generate(ids, max_new_tokens=64, do_sample=False, cache_implementation="static"))
     assert torch._dynamo.utils.counters["megamoe"]["fused_moe"] >= 1
 
 

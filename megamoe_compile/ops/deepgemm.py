@@ -40,6 +40,7 @@ from .layouts import KernelWeights
 log = logging.getLogger("megamoe_compile")
 
 SM90 = "deepgemm_sm90"
+SM90_MAX_INTERMEDIATE = 64 * 64
 SM100 = "deepgemm_sm100"
 KERNELS = (SM90, SM100)
 FAMILY = "deepgemm"  # what MegaMoEConfig.kernel names
@@ -234,6 +235,11 @@ def _shape_problem(kernel: str, shape: LayerShape) -> str:
     for dim, size in (("hidden", shape.hidden), ("moe_intermediate", shape.intermediate)):
         if size % 128:
             return f"{kernel} needs {dim} size a multiple of 128, got {size}"
+    if kernel == SM90 and shape.intermediate > SM90_MAX_INTERMEDIATE:
+        # sgl-deep-gemm 0.1.5 asserts `intermediate_hidden / 64 <= 64` at its first launch (measured on
+        # an H200 with Mixtral-8x7B's 14336): refused here, at load time, instead.
+        return (f"{kernel} takes moe_intermediate up to {SM90_MAX_INTERMEDIATE} (DeepGEMM's SM90 MegaMoE: "
+                f"intermediate / 64 <= 64), got {shape.intermediate}")
     if kernel == SM100 and shape.hidden % 512:
         return f"{kernel} needs hidden size a multiple of 512 (its pre-dispatch), got {shape.hidden}"
     return _api(kernel)[1]
@@ -517,6 +523,22 @@ def _launch_for(kernel: str, recipe: str, x: torch.Tensor, num_local_experts: in
     return launch
 
 
+def warm_up(kernel: str, weights: KernelWeights, shape: LayerShape, recipe: str, swiglu_limit: float | None,
+            group_name: str) -> None:
+    """One 1-token launch with a layer's kernel-ready weights, at load time (prepare calls it after
+    reserving the buffer; with expert parallelism every rank does, in the same order). DeepGEMM
+    compiles its kernels on first use and may allocate there: done inside a CUDA-graph capture
+    (transformers' first decode step under reduce-overhead), such an allocation lands in the
+    graph's memory pool and cudagraph trees refuse the capture."""
+    device = weights.w1.device
+    x = torch.zeros(1, shape.hidden, dtype=torch.bfloat16, device=device)
+    topk_idx = torch.arange(shape.top_k, dtype=torch.int32, device=device).view(1, -1)
+    topk_weights = torch.full((1, shape.top_k), 1.0 / shape.top_k, dtype=torch.float32, device=device)
+    _run(kernel, x, topk_idx, topk_weights, weights.w1, weights.w1_scale, weights.w2, weights.w2_scale, recipe=recipe,
+         routed_scaling_factor=1.0, swiglu_limit=swiglu_limit, group_name=group_name)
+    torch.cuda.synchronize(device)
+
+
 def _run(kernel: str, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
          recipe, routed_scaling_factor, swiglu_limit, group_name):
     runs = get_kernel(kernel).recipes
@@ -573,7 +595,8 @@ def _register(kernel: str, run, kernel_recipes: tuple[str, ...], **facts) -> Non
                     shape_problem=functools.partial(_shape_problem, kernel),
                     library_problem=functools.partial(recipe_problem, kernel),
                     layout=functools.partial(layout_weights, kernel),
-                    reserve=functools.partial(reserve_buffer, kernel), **facts))
+                    reserve=functools.partial(reserve_buffer, kernel), warm_up=functools.partial(warm_up, kernel),
+                    **facts))
 
 
 # In order of preference: the family's first kernel that runs on a layer's device takes it.

@@ -56,6 +56,11 @@ def _no_buffer(shape: LayerShape, max_tokens_per_rank: int, group: Any, recipe: 
     return None
 
 
+def _no_warm_up(weights: KernelWeights, shape: LayerShape, recipe: str, swiglu_limit: float | None,
+                group_name: str) -> None:
+    return None
+
+
 @dataclass(frozen=True, eq=False)
 class Kernel:
     """One implementation behind ``fused_moe(..., kernel=name)`` and what prepare asks of it."""
@@ -85,6 +90,9 @@ class Kernel:
     layout: Callable[[KernelWeights, str], KernelWeights] = _plain_layout
     # reserve(shape, max_tokens_per_rank, process group or None, recipe): buffers (load time).
     reserve: Callable[[LayerShape, int, Any, str], Any] = _no_buffer
+    # warm_up(kernel-ready weights, shape, recipe, swiglu_limit, group_name): one call at load time,
+    # so that JIT compilation and first-use allocations happen before any CUDA-graph capture.
+    warm_up: Callable[[KernelWeights, LayerShape, str, float | None, str], None] = _no_warm_up
 
     def __post_init__(self):
         object.__setattr__(self, "recipes", tuple(self.recipes))

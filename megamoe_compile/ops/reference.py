@@ -42,6 +42,11 @@ def reference_fused_moe(
     x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
     recipe, routed_scaling_factor, swiglu_limit, group_name,
 ):
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # It loops over the experts that were hit, read on the host: no CUDA graph can hold that.
+        raise RuntimeError("megamoe: the reference kernel cannot run inside a CUDA-graph capture (it reads the "
+                           "routed expert ids on the host); on a GPU use kernel='deepgemm', or compile without "
+                           "CUDA graphs (no mode='reduce-overhead')")
     if group_name:
         return _expert_parallel(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
                                 routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit,
