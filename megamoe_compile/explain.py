@@ -8,11 +8,11 @@ import torch
 
 from .backend import CompiledGraph, MegaMoEBackend
 from .config import MegaMoEConfig
-from .prepare import LayerPlan, layer_plans, prepare, prepared_config
+from .prepare import FusedPlanView, LayerPlan, layer_plans, prepare, prepared_config
 
 
 @dataclass
-class LayerReport:
+class LayerReport(FusedPlanView):
     """One MoE layer: what prepare planned (`plan`) and what the pass did with it; the rest of
     the fields are read from the plan."""
 
@@ -50,14 +50,6 @@ class LayerReport:
     def activation(self) -> str:
         """"swiglu" or "clamped_swiglu" (DeepSeek-V4's, limit from the model)."""
         return self.plan.spec.activation if self.plan.spec else "?"
-
-    @property
-    def kernel(self) -> str | None:
-        return self.plan.kernel if self.fused else None
-
-    @property
-    def recipe(self) -> str | None:
-        return self.plan.recipe if self.fused else None
 
     @property
     def original_bytes(self) -> int:

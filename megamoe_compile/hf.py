@@ -221,17 +221,10 @@ def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
     why = _experts_problem(experts, expected_gate=m.DeepseekV4Experts._apply_gate)
     if why:
         return None, why
-    ep_shard = None
-    if getattr(experts, "_is_expert_parallel", False) or is_dtensor(experts.gate_up_proj) \
-            or is_dtensor(experts.down_proj):
-        ep_shard, why = transformers_ep_shard(experts, gate)
-        if ep_shard is None:
-            return None, why
-    # Shapes and dtypes from what this rank holds: a DTensor's own `.shape` is the global one.
-    gate_up, down = local_tensor(experts.gate_up_proj), local_tensor(experts.down_proj)
-    weight_format = _weight_format(experts)
-    if weight_format is None:
-        return None, f"expert weights of dtype {gate_up.dtype} are not a format we read"
+    held, why = _held_weights(experts, gate)
+    if held is None:
+        return None, why
+    ep_shard, gate_up, down, weight_format = held
     num_experts, two_i, hidden = gate_up.shape
     if weight_format == "mxfp4":
         hidden *= 2  # two FP4 values per byte
@@ -290,17 +283,11 @@ def _describe_family(name: str, block: torch.nn.Module) -> tuple[MoESpec | None,
     why = _experts_problem(experts, expected_gate=_default_apply_gate())
     if why:
         return None, why
-    ep_shard = None
     gate = getattr(block, "gate", None)
-    if getattr(experts, "_is_expert_parallel", False) or is_dtensor(experts.gate_up_proj) \
-            or is_dtensor(experts.down_proj):
-        ep_shard, why = transformers_ep_shard(experts, gate)
-        if ep_shard is None:
-            return None, why
-    gate_up, down = local_tensor(experts.gate_up_proj), local_tensor(experts.down_proj)
-    weight_format = _weight_format(experts)
-    if weight_format is None:
-        return None, f"expert weights of dtype {gate_up.dtype} are not a format we read"
+    held, why = _held_weights(experts, gate)
+    if held is None:
+        return None, why
+    ep_shard, gate_up, down, weight_format = held
     top_k = next((int(v) for v in (getattr(gate, "top_k", None), getattr(block, "top_k", None),
                                    getattr(experts.config, "num_experts_per_tok", None)) if v is not None), None)
     if top_k is None:
@@ -326,6 +313,22 @@ def _describe_family(name: str, block: torch.nn.Module) -> tuple[MoESpec | None,
     if tuple(down.shape[-2:]) != (spec.hidden, spec.intermediate // (2 if weight_format == "mxfp4" else 1)):
         return None, f"down_proj shape {tuple(down.shape)} does not fit gate_up_proj {tuple(gate_up.shape)}"
     return spec, ""
+
+
+def _held_weights(experts: torch.nn.Module, gate):
+    """((ep_shard, gate_up, down, weight_format), "") for the expert weights this rank holds, or
+    (None, reason). Shapes and dtypes are the local ones: a DTensor's own `.shape` is the global one."""
+    ep_shard = None
+    if getattr(experts, "_is_expert_parallel", False) or is_dtensor(experts.gate_up_proj) \
+            or is_dtensor(experts.down_proj):
+        ep_shard, why = transformers_ep_shard(experts, gate)
+        if ep_shard is None:
+            return None, why
+    gate_up, down = local_tensor(experts.gate_up_proj), local_tensor(experts.down_proj)
+    weight_format = _weight_format(experts)
+    if weight_format is None:
+        return None, f"expert weights of dtype {gate_up.dtype} are not a format we read"
+    return (ep_shard, gate_up, down, weight_format), ""
 
 
 def _default_apply_gate():

@@ -106,6 +106,22 @@ class LayerPlan:
     generation: str = "0"
 
 
+class FusedPlanView:
+    """For records that pair a plan with whether the layer was fused (the pass's, the report's):
+    the kernel and recipe it runs, read from the plan; None when it was not fused."""
+
+    plan: LayerPlan | None
+    fused: bool
+
+    @property
+    def kernel(self) -> str | None:
+        return self.plan.kernel if self.fused else None
+
+    @property
+    def recipe(self) -> str | None:
+        return self.plan.recipe if self.fused else None
+
+
 def prepare(model: torch.nn.Module, config: MegaMoEConfig | None = None) -> torch.nn.Module:
     """Plan and build kernel-ready weights for every MoE layer of `model`, in place.
 

@@ -34,7 +34,7 @@ __all__ = ["LayerFusion", "NoMatch", "PatternMismatch", "fuse_moe_layers", "prep
 
 
 @dataclass
-class LayerFusion:
+class LayerFusion(prep.FusedPlanView):
     """What the pass did with one MoE layer found in a graph; the layer's plan says the rest."""
 
     name: str
@@ -50,14 +50,6 @@ class LayerFusion:
     @property
     def layer_index(self) -> int | None:
         return self.plan.layer_index if self.plan is not None else hf.layer_index(self.name)
-
-    @property
-    def kernel(self) -> str | None:
-        return self.plan.kernel if self.fused else None
-
-    @property
-    def recipe(self) -> str | None:
-        return self.plan.recipe if self.fused else None
 
     @property
     def notes(self) -> list[str]:
