@@ -7,6 +7,7 @@ on these facts too; it re-checks them against the traced graph.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -369,13 +370,7 @@ def _router_kind(gate) -> str:
     """What a family's router computes, read from its attributes (for the report only)."""
     if gate is None:
         return "?"
-    source = ""
-    try:
-        import inspect
-
-        source = inspect.getsource(type(gate).forward)
-    except (OSError, TypeError):
-        pass
+    source = _forward_source(type(gate))
     kind = "sigmoid" if "sigmoid" in source else "softmax" if "softmax" in source else type(gate).__name__
     if hasattr(gate, "e_score_correction_bias") or "e_score_correction_bias" in source:
         kind += "+bias"
@@ -383,6 +378,17 @@ def _router_kind(gate) -> str:
     if int(groups) > 1:
         kind += " grouped"
     return kind
+
+
+@functools.cache
+def _forward_source(cls: type) -> str:
+    """A router class's forward source, read once per class (prepare describes every layer)."""
+    import inspect
+
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
 
 
 def _family_activation_dtype(block: torch.nn.Module) -> torch.dtype:

@@ -290,11 +290,6 @@ def layer_id(plan: LayerPlan) -> int:
     return plan.layer_index if plan.layer_index is not None else zlib.crc32(plan.name.encode()) & 0x7FFFFFFF
 
 
-def activation_problem(plan: LayerPlan, dtype: torch.dtype) -> str:
-    """Why the layer's kernel cannot run on activations of `dtype` ("" when it can)."""
-    return get_kernel(plan.kernel).activation_problem(dtype)
-
-
 # -- planning ---------------------------------------------------------------------------------
 
 def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,

@@ -20,10 +20,11 @@ import torch.fx as fx
 
 from .. import hf
 from .. import prepare as prep
+from ..ops.fused_moe import get_kernel
 from . import patterns
 from .fx_utils import (
-    argument, clamp_args, const, dim_arg, has_side_effects, int_list, is_negation, is_scalar, is_shape_arithmetic,
-    is_tensor, module_path, op_name, op_namespace, real_tensor, region, same_scalar, same_size,
+    MARKER_OP, argument, clamp_args, const, dim_arg, has_side_effects, int_list, is_negation, is_scalar, is_shape_arithmetic,
+    is_tensor, module_path, op_name, op_namespace, qualified_name, real_tensor, region, same_scalar, same_size,
 )
 from .matcher import NoMatch, PatternMismatch, match
 
@@ -106,8 +107,7 @@ def unprepared_moe_blocks(graph: fx.Graph) -> list[str]:
 
 
 def _is_marker(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in (torch.ops.megamoe.prepared_weights.default,
-                                                          torch.ops.megamoe.prepared_weights)
+    return node.op == "call_function" and qualified_name(node) == MARKER_OP
 
 
 # -- one layer --------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def _check_runtime(found: _Match, spec: hf.MoESpec, plan: prep.LayerPlan) -> Non
         raise NoMatch(f"the experts hold {weight.dtype} weights but run on {hidden.dtype} activations")
     if hidden.device.type != spec.device.type:
         raise NoMatch(f"hidden states on {hidden.device}, experts prepared for {spec.device}")
-    why = prep.activation_problem(plan, hidden.dtype)
+    why = get_kernel(plan.kernel).activation_problem(hidden.dtype)
     if why:
         raise NoMatch(why)
 

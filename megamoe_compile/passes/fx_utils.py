@@ -73,8 +73,14 @@ def is_shape_arithmetic(node: fx.Node) -> bool:
 _PURE_HOST_CALLS = ("get_device_capability", "_load_finegrained_fp8_kernel", "is_compiling",
                     "is_torchdynamo_compiling")
 _PURE_METHODS = ("size", "stride", "dim", "numel", "item", "get_device", "storage_offset", "__getitem__")
-# Custom ops that return nothing yet change nothing: our own marker (see ops/fused_moe.py).
-_PURE_CUSTOM_OPS = ("megamoe::prepared_weights",)
+# The marker a prepared layer's experts leave in the trace (ops/fused_moe.py): returns nothing, changes nothing.
+MARKER_OP = "megamoe::prepared_weights"
+
+
+def qualified_name(node: fx.Node) -> str:
+    """"namespace::name" of a custom or aten op call, "" for anything else."""
+    namespace = op_namespace(node)
+    return f"{namespace}::{op_name(node)}" if namespace else ""
 
 
 def has_side_effects(node: fx.Node) -> bool:
@@ -91,8 +97,7 @@ def has_side_effects(node: fx.Node) -> bool:
     if target is operator.setitem:
         return False  # in-place on a tensor: the patterns name it where transformers does it
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        namespace = op_namespace(node)
-        return namespace not in ("aten", "prims") and f"{namespace}::{op_name(node)}" not in _PURE_CUSTOM_OPS
+        return op_namespace(node) not in ("aten", "prims") and qualified_name(node) != MARKER_OP
     module = getattr(target, "__module__", "") or ""
     if module in ("_operator", "operator", "math", "builtins") or module.startswith("torch.fx.experimental"):
         return False

@@ -78,3 +78,13 @@ def cos_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """1 - 2 sum(a b) / sum(a^2 + b^2), in float64 (0 = identical)."""
     a, b = a.double(), b.double()
     return float(1 - 2 * (a * b).sum() / (a * a + b * b).sum())
+
+
+def op_diff(layer, tokens: int, hidden: int, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> float:
+    """`layer(x, ...)` (the fused op on a test layer) on random bf16 tokens against `layer.reference`:
+    checks the output's shape, dtype and finiteness, returns `cos_diff`."""
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+    y = layer(x, topk_idx, topk_weights)
+    assert y.shape == (tokens, hidden) and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    return cos_diff(y, layer.reference(x, topk_idx, topk_weights))

@@ -15,7 +15,7 @@ from megamoe_compile.ops import deepgemm, quant
 from megamoe_compile.ops.fused_moe import get_kernel
 from megamoe_compile.ops.layouts import KernelWeights
 
-from gpu_helpers import cos_diff, deepgemm_kernel_or_skip, ids, v4_model
+from gpu_helpers import cos_diff, deepgemm_kernel_or_skip, ids, op_diff, v4_model
 
 pytestmark = pytest.mark.gpu
 
@@ -118,12 +118,7 @@ SHAPES = [  # (experts, hidden, intermediate, top_k, max tokens reserved)
 def test_op_matches_float32_reference(deepgemm_kernel, experts, hidden, intermediate, top_k, max_tokens, tokens):
     lay = layer(deepgemm_kernel, experts, hidden, intermediate)
     deepgemm.reserve_buffer(deepgemm_kernel, lay.spec(top_k), max_tokens)
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
-    idx, weights = routing(tokens, experts, top_k, seed=tokens)
-    y = lay(x, idx, weights)
-    assert y.shape == (tokens, hidden) and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-    diff = cos_diff(y, lay.reference(x, idx, weights))
+    diff = op_diff(lay, tokens, hidden, *routing(tokens, experts, top_k, seed=tokens))
     print(f"\n[accuracy] {deepgemm_kernel} E={experts} H={hidden} I={intermediate} k={top_k} T={tokens}: "
           f"diff {diff:.2e}")
     assert diff <= 2e-3

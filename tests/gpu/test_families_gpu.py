@@ -20,7 +20,7 @@ from megamoe_compile.ops import deepgemm, quant
 from megamoe_compile.ops.fused_moe import LayerShape, get_kernel
 from megamoe_compile.ops.layouts import KernelWeights
 
-from gpu_helpers import cos_diff, deepgemm_kernel_or_skip
+from gpu_helpers import cos_diff, deepgemm_kernel_or_skip, op_diff
 from test_families import FAMILIES, family_model  # tests/ is on sys.path (tests/conftest.py)
 
 pytestmark = pytest.mark.gpu
@@ -150,12 +150,7 @@ def test_plain_swiglu_op_matches_float32_reference(deepgemm_kernel, name, tokens
         print(f"\n[refused] {deepgemm_kernel} swiglu {name} E={experts} H={hidden} I={intermediate}: {refused.value}")
         return
     deepgemm.reserve_buffer(deepgemm_kernel, lay.spec(top_k), max(TOKENS))
-    g = torch.Generator(device="cuda").manual_seed(tokens)
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
-    idx, weights = softmax_routing(tokens, experts, top_k, seed=tokens)
-    y = lay(x, idx, weights)
-    assert y.shape == (tokens, hidden) and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-    diff = cos_diff(y, lay.reference(x, idx, weights))
+    diff = op_diff(lay, tokens, hidden, *softmax_routing(tokens, experts, top_k, seed=tokens))
     print(f"\n[accuracy] {deepgemm_kernel} swiglu {name} E={experts} H={hidden} I={intermediate} k={top_k} "
           f"T={tokens}: diff {diff:.2e}")
     assert diff <= 2e-3
