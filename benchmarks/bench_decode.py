@@ -41,7 +41,7 @@ import torch
 from transformers import CompileConfig, DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache, LogitsProcessor
 
 import megamoe_compile as mc
-from megamoe_compile.prepare import kernel_ready, plan_of
+from megamoe_compile.layer_state import kernel_ready, plan_of
 from megamoe_compile.v4_static_cache import DeepseekV4StaticCache
 from megamoe_compile.v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 

@@ -12,7 +12,8 @@ from . import ops  # noqa: F401  (defines torch.ops.megamoe.*)
 from .backend import CompiledGraph, MegaMoEBackend, backend, compile, megamoe_backend
 from .config import MegaMoEConfig
 from .explain import LayerReport, MoEReport, explain
-from .prepare import LayerPlan, UnsupportedLayerError, layer_plans, prepare
+from .layer_state import LayerPlan, UnsupportedLayerError, layer_plans
+from .prepare import prepare
 from .v4_static_cache import DeepseekV4StaticCache
 from .v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import hf
+from . import layer_state as state
 from . import prepare as prep
 from .config import MegaMoEConfig
 from .passes import LayerFusion, fuse_moe_layers, prepared_blocks, remove_markers, unprepared_moe_blocks
@@ -97,12 +97,10 @@ class MegaMoEBackend:
         return _inner_compile(gm, example_inputs, config.inner_backend, mode, inner_options)
 
     def _fuse(self, gm: fx.GraphModule) -> list[LayerFusion]:
-        if hf.v4_classes() is None:
-            return []
         unprepared = unprepared_moe_blocks(gm.graph)
         if self.config is not None:
             for block in prepared_blocks(gm.graph):
-                plan = prep.plan_of(block)
+                plan = state.plan_of(block)
                 if plan.config is not None and plan.config.plan_key() != self.config.plan_key():
                     differ = [f.name for f in dataclasses.fields(MegaMoEConfig) if f.name not in COMPILE_FIELDS
                               and getattr(plan.config, f.name) is not getattr(self.config, f.name)
@@ -114,7 +112,7 @@ class MegaMoEBackend:
         for name in unprepared:
             fusions.append(LayerFusion(name, False, reason=NOT_PREPARED))
         if unprepared:
-            _warn_once(unprepared, f"{len(unprepared)} DeepSeek-V4 MoE layer(s) in this graph were not prepared and "
+            _warn_once(unprepared, f"{len(unprepared)} MoE layer(s) in this graph were not prepared and "
                        "stay unfused; call mc.prepare(model, config) before torch.compile (or use mc.compile(model, "
                        "config))")
         for f in fusions:
@@ -175,7 +173,7 @@ def _warn_once(keys: list[str], message: str) -> None:
 def _prepared_config(gm: fx.GraphModule) -> MegaMoEConfig | None:
     """The config `prepare` used for the MoE blocks of this graph."""
     for block in prepared_blocks(gm.graph):
-        return prep.plan_of(block).config
+        return state.plan_of(block).config
     return None
 
 
@@ -188,7 +186,7 @@ def compile(model: torch.nn.Module, config: MegaMoEConfig | None = None, **compi
     if "backend" in compile_kwargs:
         raise ValueError("megamoe.compile: the backend is megamoe's; pass compile_kwargs other than backend")
     prep.prepare(model, config)
-    return torch.compile(model, backend=MegaMoEBackend(config or prep.prepared_config(model)), **compile_kwargs)
+    return torch.compile(model, backend=MegaMoEBackend(config or state.prepared_config(model)), **compile_kwargs)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None,

@@ -61,9 +61,10 @@ class MegaMoEConfig:
         for name in ("skip_layers", "include", "exclude"):
             value = getattr(self, name)
             # bytes and str are Sequences too, but never lists of indices or patterns.
-            if isinstance(value, (str, bytes, bytearray, int)) or not isinstance(value, (list, tuple)):
+            if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):
                 raise ValueError(
-                    f"MegaMoEConfig.{name} must be a list or tuple, got {type(value).__name__}: {value!r}"
+                    f"MegaMoEConfig.{name} must be a sequence (list, tuple, range), got {type(value).__name__}: "
+                    f"{value!r}"
                 )
             object.__setattr__(self, name, tuple(value))
         for i in self.skip_layers:

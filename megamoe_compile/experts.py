@@ -21,25 +21,28 @@ import inspect
 
 import torch
 
-from . import prepare
+from . import layer_state as state
 
 IMPLEMENTATION = "megamoe"
 
 
 def megamoe_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    plan = prepare.plan_of(self)
+    plan = state.plan_of(self)
     if plan.eager_fused:
         # The router already applied routed_scaling_factor to these weights.
-        args, kwargs = prepare.fused_call(plan, hidden_states, top_k_index.to(torch.int32),
-                                          top_k_weights.to(torch.float32), prepare.kernel_ready(self),
-                                          getattr(self, "limit", None))
+        args, kwargs = state.fused_call(plan, hidden_states, top_k_index.to(torch.int32),
+                                        top_k_weights.to(torch.float32), state.kernel_ready(self),
+                                        getattr(self, "limit", None))
         return torch.ops.megamoe.fused_moe(*args, **kwargs)
+    # The implementation the model is configured with now: `model.set_experts_implementation(...)`
+    # after prepare is followed (the pass then finds the layer planned for another one and says so).
+    configured = state.configured_implementation(self)
     if torch.compiler.is_compiling():
-        torch.ops.megamoe.prepared_weights(*prepare.kernel_ready(self), *prepare.marker_constants(plan))
-        implementation = plan.spec.traced_base
+        torch.ops.megamoe.prepared_weights(*state.kernel_ready(self), *state.marker_constants(plan))
+        implementation = plan.spec.traced_base if configured == plan.spec.experts_implementation else configured
     else:
-        implementation = plan.spec.experts_implementation
+        implementation = configured
     return _implementation(self, plan, implementation)(self, hidden_states, top_k_index, top_k_weights)
 
 

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import hf
 from .backend import CompiledGraph, MegaMoEBackend
 from .config import MegaMoEConfig
-from .prepare import FusedPlanView, LayerPlan, layer_plans, prepare, prepared_config
+from .layer_state import FusedPlanView, LayerPlan, layer_plans, prepared_config
+from .prepare import prepare
 
 
 @dataclass
@@ -129,7 +131,9 @@ def explain(model: torch.nn.Module, *args, config: MegaMoEConfig | None = None, 
     be = MegaMoEBackend(config, run_original=True)
     with torch.no_grad():
         torch.compile(model, backend=be)(*args, **kwargs)
-    return MoEReport(_layer_reports(layer_plans(model), be), be.graphs)
+    unrecognised = [LayerReport(LayerPlan(name, hf.layer_index(name), None, False, reason=why), False, why, None)
+                    for name, why in hf.unrecognised_moe_modules(model)]
+    return MoEReport(_layer_reports(layer_plans(model), be) + unrecognised, be.graphs)
 
 
 def _layer_reports(plans: list[LayerPlan], be: MegaMoEBackend) -> list[LayerReport]:

@@ -7,6 +7,7 @@ on these facts too; it re-checks them against the traced graph.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -140,6 +141,19 @@ class MoESpec:
         return "fp8_" + self.traced_base if self.experts_class == FP8_EXPERTS_CLASS else self.traced_base
 
 
+def refresh(spec: MoESpec, block: torch.nn.Module) -> MoESpec:
+    """`spec` with the router and activation constants read again from the block: values the
+    kernel-ready weights do not depend on (the op takes them from the traced graph), which a
+    user may change after prepare without a re-plan."""
+    changes = {}
+    gate, limit = getattr(block, "gate", None), getattr(block.experts, "limit", None)
+    if spec.routed_scaling_factor is not None and getattr(gate, "routed_scaling_factor", None) is not None:
+        changes["routed_scaling_factor"] = float(gate.routed_scaling_factor)
+    if spec.swiglu_limit is not None and limit is not None:
+        changes["swiglu_limit"] = float(limit)
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
 def is_experts_interface(experts) -> bool:
     """Whether `experts` runs through transformers' experts interface (`@use_experts_implementation`:
     stacked 3-D expert weights, forward picked by `config._experts_implementation`), or is
@@ -174,6 +188,34 @@ def find_moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
             found.append((name, module))
         elif _holds_stacked_experts(module):
             found.append((name, module))
+    return found
+
+
+_MOE_CLASS_NAME = re.compile(r"(Moe|MoE|MoA|Experts)(Block|Layer|Mlp|MLP)?$|SparseMoe")
+
+
+def unrecognised_moe_modules(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(name, reason) of each outermost module that looks like a MoE layer by its class name
+    (`...MoE`, `...SparseMoeBlock`, `...Experts`) but is not a block `find_moe_blocks` recognises (nor
+    inside one): families with expert code of their own (DBRX, JetMoE, Doge, ...). The report lists
+    them, unfused, with the reason."""
+    recognised = [name for name, _ in find_moe_blocks(model)]
+    found: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not name or not _MOE_CLASS_NAME.search(cls):
+            continue
+        if any(name == r or name.startswith(r + ".") or r.startswith(name + ".") for r in recognised) or \
+                any(name.startswith(f + ".") for f, _ in found):
+            continue
+        experts = getattr(module, "experts", module)
+        stacked = sorted(f"{n} {tuple(p.shape)}" for n, p in experts.named_parameters() if p.dim() == 3)
+        lists = sorted(n for n, m in experts.named_children() if isinstance(m, torch.nn.ModuleList))
+        held = (f"3-D weights {', '.join(stacked[:3])}" if stacked else
+                f"experts as module lists ({', '.join(lists)})" if lists else "no stacked expert weights")
+        found.append((name, f"{cls} is not a MoE layer this version recognises (it holds {held}); the pass fuses "
+                            "experts run by transformers' experts interface: stacked gate_up_proj [experts, 2 x "
+                            "intermediate, hidden] and down_proj, SiLU SwiGLU"))
     return found
 
 
@@ -341,6 +383,11 @@ def _default_apply_gate():
 def _experts_problem(experts: torch.nn.Module, expected_gate) -> str:
     """Why an experts-interface module is not what the fused op computes ("" when it is): biases,
     another weight layout, a post-expert norm, another activation or gating function."""
+    stacked = getattr(experts, "gate_up_proj", None)
+    if not isinstance(stacked, torch.Tensor) or stacked.dim() != 3:
+        held = sorted(n for n, p in experts.named_parameters(recurse=False) if p.dim() == 3)
+        return (f"experts {type(experts).__name__} hold no stacked gate_up_proj [experts, 2 x intermediate, hidden] "
+                f"(3-D weights: {held or 'none'}); the fused op reads that layout")
     if getattr(experts, "has_bias", False):
         return "experts have biases (the fused kernel has none)"
     if not getattr(experts, "has_gate", True) or getattr(experts, "is_transposed", False) \
@@ -348,13 +395,33 @@ def _experts_problem(experts: torch.nn.Module, expected_gate) -> str:
         return "experts weights are not in [gate; up] x hidden layout"
     if getattr(experts, "has_post_expert_norm", False):
         return "experts apply a post-expert norm"
-    if type(experts.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
-        return f"experts activation is {type(experts.act_fn).__name__}, not SiLU (SwiGLU)"
+    if getattr(experts, "swiglu_alpha", None) is not None:
+        return ("experts gate as (up + 1) * gate * sigmoid(swiglu_alpha * gate) (GPT-OSS style), not SiLU SwiGLU "
+                "silu(gate) * up")
     if is_fp8_experts(experts):
-        return _fp8_experts_problem(experts)
+        return _activation_problem(experts) or _fp8_experts_problem(experts)
     if "_apply_gate" in vars(experts) or getattr(type(experts), "_apply_gate", None) is not expected_gate:
-        return "experts gating function was replaced"
+        limit = getattr(experts, "swiglu_limit", None)
+        whose = "the instance's" if "_apply_gate" in vars(experts) else f"{type(experts).__name__}'s own"
+        return (f"experts gating function is {whose} _apply_gate"
+                + (f" (SwiGLU clamped at swiglu_limit={limit})" if limit is not None else "")
+                + ", not transformers' default silu(gate) * up that the pass recognises")
+    return _activation_problem(experts)
+
+
+def _activation_problem(experts: torch.nn.Module) -> str:
+    act = getattr(experts, "act_fn", None)
+    if act is None:
+        return f"experts {type(experts).__name__} have no act_fn (an activation of their own), not SiLU (SwiGLU)"
+    if not is_silu(act):
+        return f"experts activation is {getattr(act, '__name__', type(act).__name__)}, not SiLU (SwiGLU)"
     return ""
+
+
+def is_silu(act) -> bool:
+    """Whether an experts `act_fn` is SiLU: transformers' activation modules, or the function itself
+    (LFM2-MoE holds `F.silu`)."""
+    return type(act).__name__ in ("SiLU", "SiLUActivation") or act in (torch.nn.functional.silu, torch.ops.aten.silu)
 
 
 def _implementation_problem(impl: str | None, quantized: bool) -> str:

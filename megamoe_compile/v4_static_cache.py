@@ -32,6 +32,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 SLIDING = "sliding_attention"
 CSA = "compressed_sparse_attention"
 HCA = "heavily_compressed_attention"
+# The config fields a cache's buffers are shaped by, checked against the model it serves (a cache
+# built from another DeepSeek-V4 config would otherwise index, mask or reshape with the wrong sizes).
+GEOMETRY_FIELDS = ("num_hidden_layers", "layer_types", "sliding_window", "head_dim", "index_head_dim",
+                   "compress_rates")
 UNSUPPORTED_GENERATE = ("beam search (num_beams > 1), assisted / prompt-lookup decoding, contrastive search and "
                         "anything else that reorders, repeats or crops the cache")
 
@@ -63,6 +67,23 @@ class CompressorState:
             t.zero_()
         if self.overlap:
             self.overlap_gate.fill_(float("-inf"))
+
+
+def cache_geometry(config) -> tuple:
+    """The values of GEOMETRY_FIELDS a cache for `config` is built with (only what its layers use:
+    the indexer's head_dim and a compress rate only where a layer type needs it)."""
+    config = config.get_text_config(decoder=True)
+    layers = config.num_hidden_layers
+    types = tuple(config.layer_types[:layers])
+    rates = tuple((kind, config.compress_rates[kind]) for kind in (HCA, CSA) if kind in types)
+    return (layers, types, config.sliding_window, config.head_dim,
+            config.index_head_dim if CSA in types else None, rates)
+
+
+def geometry_mismatch(cache_geometry_: tuple, model_geometry: tuple) -> str:
+    """The fields in which two geometries differ, as "field: cache X, model Y; ..." ("" if none)."""
+    return "; ".join(f"{name}: cache {mine!r}, model {theirs!r}"
+                     for name, mine, theirs in zip(GEOMETRY_FIELDS, cache_geometry_, model_geometry) if mine != theirs)
 
 
 class DeepseekV4StaticLayer(CacheLayerMixin):
@@ -311,6 +332,7 @@ class DeepseekV4StaticCache(Cache):
         if kwargs:
             raise TypeError(f"DeepseekV4StaticCache: unexpected arguments {sorted(kwargs)}")
         config = config.get_text_config(decoder=True)
+        self.geometry = cache_geometry(config)
         device = torch.device(device if device is not None else "cpu")
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         self.max_batch_size, self.max_cache_len = max_batch_size, max_cache_len
@@ -318,6 +340,30 @@ class DeepseekV4StaticCache(Cache):
                                         dtype=dtype, device=device)
                   for layer_type in config.layer_types[: config.num_hidden_layers]]
         super().__init__(layers=layers)
+
+    def check_model(self, config) -> None:
+        """Refuse to serve a model whose config shapes the cache otherwise than the config it was built
+        from (names each differing field)."""
+        model = cache_geometry(config)
+        if model != self.geometry:
+            raise ValueError(
+                "DeepseekV4StaticCache: this cache was built from another DeepSeek-V4 config than the model's ("
+                f"{geometry_mismatch(self.geometry, model)}); build it from the model's own config: "
+                "DeepseekV4StaticCache(model.config, ...)")
+
+    def check_reuse(self, batch: int, prompt_length: int) -> None:
+        """Refuse a generate() call that does not continue what the cache holds: generate() treats the
+        first `seen` prompt tokens as cached, so a shorter prompt or another batch needs `cache.reset()`."""
+        seen = self.layers[0].get_seq_length()
+        if seen == 0:
+            return
+        if batch != self.batch_size:
+            raise ValueError(f"DeepseekV4StaticCache: this cache holds {self.batch_size} sequences of an earlier call "
+                             f"({seen} tokens each), got a batch of {batch}; call cache.reset() before a new batch")
+        if prompt_length <= seen:
+            raise ValueError(f"DeepseekV4StaticCache: this cache holds {seen} tokens of an earlier call; a prompt of "
+                             f"{prompt_length} tokens does not continue it (generate() would take its first {seen} "
+                             "tokens as cached); call cache.reset() before a new prompt")
 
     @property
     def batch_size(self) -> int:

@@ -25,7 +25,12 @@ Everything else (prefill, any other cache, any step of more than one token) runs
 own forward; prefill fills the static cache through the calls that code makes on its cache.
 One difference remains: where index scores tie exactly at the top-k boundary, top-k over the pool
 may pick another of the tied entries than top-k over transformers' shorter entry list (torch's
-top-k order among ties depends on the length). Real models (64 index heads) practically never tie.
+top-k order among ties depends on the length, so it cannot be reproduced with fixed shapes). Ties
+are exact zeros: the score is sum_h w_h * ReLU(q_h . k), 0 wherever every head's dot product is
+<= 0. Measured (`benchmarks/indexer_ties.py`: random tiny models, top-3, 768 decode cases each) at
+the k-th/(k+1)-th boundary: 34% of cases with 1 index head, 15% with 2, 1.6% with 4, none with 16
+or 64 (V4-Flash has 64). Models with few index heads should expect it; generate() output then
+differs from transformers' from that step on (both are valid top-k choices).
 """
 
 from __future__ import annotations
@@ -35,12 +40,23 @@ import warnings
 import torch
 
 from . import hf
-from .v4_static_cache import HCA, UNSUPPORTED_GENERATE, CompressorState, DeepseekV4StaticCache, DeepseekV4StaticLayer
+from .v4_static_cache import (HCA, UNSUPPORTED_GENERATE, CompressorState, DeepseekV4StaticCache, DeepseekV4StaticLayer,
+                              cache_geometry)
 
 _ENABLED = "_megamoe_static_decode"
 # transformers' modeling_deepseek_v4, resolved by enable_static_decode: the traced forwards read it
 # as a global (dynamo cannot trace an import of transformers' lazy modules on every torch release).
 _V4 = None
+# transformers' collector of recorded outputs (output_attentions=...), resolved alike.
+_COLLECTOR = None
+
+
+def _output_collector():
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:  # a release without it records outputs otherwise; generate() still refuses the flag
+        return None
+    return getattr(output_capturing, "_active_collector", None)
 
 
 def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,8 +87,8 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
     if hf.untested_transformers():
         warnings.warn(f"enable_static_decode: {hf.untested_transformers()}; its decode forwards replicate the V4 "
                       f"attention code of {hf.tested_range_text()}", stacklevel=2)
-    global _V4
-    _V4 = m
+    global _V4, _COLLECTOR
+    _V4, _COLLECTOR = m, _output_collector()
     for attention in attentions:
         attention.forward = StaticDecodeForward(attention)
     restore = {"had_flag": "_can_compile_fullgraph" in vars(model), "flag": vars(model).get("_can_compile_fullgraph")}
@@ -180,15 +196,19 @@ def _check_generate_call(model, cache: DeepseekV4StaticCache, args, kwargs) -> N
         unsupported.append("assisted / prompt-lookup decoding")
     if (setting("penalty_alpha") or 0) > 0 and (setting("top_k") or 0) > 1:
         unsupported.append("contrastive search")
+    if setting("output_attentions"):
+        unsupported.append(f"output_attentions ({ATTENTIONS_REFUSED})")
     if unsupported:
         raise NotImplementedError(f"generate() with a DeepseekV4StaticCache does not support {', '.join(unsupported)}; "
                                   f"it serves greedy and sampled decoding (not {UNSUPPORTED_GENERATE})")
+    cache.check_model(model.config)
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     if isinstance(inputs, torch.Tensor) and inputs.ndim == 2:
         batch = inputs.shape[0] * (setting("num_return_sequences") or 1)
         layer = cache.layers[0]
         if batch > cache.max_batch_size:
             layer.check_batch(batch)
+        cache.check_reuse(batch, inputs.shape[1])
         new = kwargs.get("max_new_tokens", config.max_new_tokens)
         total = inputs.shape[1] + new if new is not None else setting("max_length")
         if total is not None and total > cache.max_cache_len:
@@ -199,20 +219,37 @@ def _check_generate_call(model, cache: DeepseekV4StaticCache, args, kwargs) -> N
 
 # -- the decode forwards --------------------------------------------------------------------------------
 
+ATTENTIONS_REFUSED = ("a decode step over a DeepseekV4StaticCache attends over cache slots (window ring, then the "
+                      "whole compressed pool), not over transformers' key order and count; run it with transformers' "
+                      "own cache for attention weights")
+
+
+def _recording_attentions() -> bool:
+    """Whether transformers is collecting attention weights (`output_attentions=True`) for this forward."""
+    found = None if _COLLECTOR is None else _COLLECTOR.get()
+    return bool(found) and "attentions" in found
+
+
 class StaticDecodeForward:
     """The forward enable_static_decode installs on one `DeepseekV4Attention`: `attention_decode` for a
-    one-token step over a `DeepseekV4StaticCache`, the class's own forward otherwise."""
+    one-token step over a `DeepseekV4StaticCache`, the class's own forward otherwise. Any forward over
+    a `DeepseekV4StaticCache` first checks that the cache was built for this model's geometry."""
 
     def __init__(self, attention):
         self.attention = attention
         self.cache_name = cache_keyword()  # looked up once: no import inside a traced forward
+        self.geometry = cache_geometry(attention.config)
 
     def __call__(self, hidden_states, position_embeddings, position_ids, attention_mask, *args, **kwargs):
         attention = self.attention
         cache = kwargs.get(self.cache_name)
+        if isinstance(cache, DeepseekV4StaticCache) and cache.geometry != self.geometry:
+            cache.check_model(attention.config)
         if args or not isinstance(cache, DeepseekV4StaticCache) or hidden_states.shape[1] != 1:
             return type(attention).forward(attention, hidden_states, position_embeddings, position_ids,
                                            attention_mask, *args, **kwargs)
+        if _recording_attentions():
+            raise NotImplementedError(f"output_attentions=True: {ATTENTIONS_REFUSED}")
         return attention_decode(attention, hidden_states, position_embeddings, position_ids, attention_mask, cache)
 
 

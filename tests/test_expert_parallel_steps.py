@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import megamoe_compile as mc
 from conftest import eager_backend, input_ids, run_on_gloo_ranks, tiny_model
-from megamoe_compile.prepare import kernel_weights
+from megamoe_compile.layer_state import kernel_weights
 
 from megamoe_compile.ops import groups
 

@@ -251,8 +251,9 @@ def test_fp8_checkpoint_of_a_family_is_fused_as_it_is(tmp_path, monkeypatch):
     assert type(experts) is tf8.FP8Experts and experts.gate_up_proj.dtype == torch.float8_e4m3fn
     be = _compile_and_compare(model, atol=1e-3, rtol=1e-3)
     assert [(f.fused, f.traced_as, f.recipe) for f in be.fusions] == [(True, "fp8_grouped_mm", "fp8")] * 2
-    prep = importlib.import_module("megamoe_compile.prepare")  # the package's `prepare` is the function
-    w1, w1_scale, _, _ = prep.kernel_weights(experts).tensors().values()
+    from megamoe_compile import layer_state
+
+    w1, w1_scale, _, _ = layer_state.kernel_weights(experts).tensors().values()
     assert torch.equal(w1.view(torch.uint8), experts.gate_up_proj.view(torch.uint8))  # the checkpoint's values
     assert torch.equal(w1_scale, experts.gate_up_proj_scale_inv.float())
     with torch.no_grad():

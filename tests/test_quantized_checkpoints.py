@@ -32,7 +32,7 @@ from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQu
 
 import megamoe_compile as mc
 from conftest import eager_backend, input_ids, tiny_model
-from megamoe_compile import hf
+from megamoe_compile import hf, layer_state
 from megamoe_compile.ops import layouts, quant
 
 prep = importlib.import_module("megamoe_compile.prepare")  # the package's `prepare` is the function
@@ -252,7 +252,7 @@ def test_prepare_keeps_the_checkpoint_values_bit_for_bit(tmp_path, expert_dtype,
     mc.prepare(model, mc.MegaMoEConfig(kernel="reference"))
     for plan, (_, block) in zip(mc.layer_plans(model), hf.find_moe_blocks(model)):
         assert plan.fuse and plan.recipe == ("fp8_fp4" if expert_dtype == "fp4" else "fp8"), plan.reason
-        got = prep.kernel_weights(block.experts)
+        got = layer_state.kernel_weights(block.experts)
         # The kernel reads the module's own tensors: no copy of the weights was made.
         assert got.w1.data_ptr() == block.experts.gate_up_proj.data_ptr()
         assert got.w2.data_ptr() == block.experts.down_proj.data_ptr()
@@ -337,8 +337,8 @@ def test_one_layer_fused_op_against_transformers_fp8_experts(tmp_path, finegrain
     model = load_quantized(tmp_path)
     mc.prepare(model, mc.MegaMoEConfig(kernel="reference"))
     block = model.model.layers[1].mlp
-    plan, experts = prep.plan_of(block), block.experts
-    w = prep.kernel_weights(experts)
+    plan, experts = layer_state.plan_of(block), block.experts
+    w = layer_state.kernel_weights(experts)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, SIZES["hidden"], generator=g).bfloat16().float()  # the same input in both dtypes
     idx = torch.stack([torch.randperm(SIZES["experts"], generator=g)[: SIZES["top_k"]] for _ in range(24)])
@@ -444,5 +444,5 @@ def test_dequantized_load_is_dense_and_requantizes_to_the_same_values(tmp_path):
     torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
 
     mc.prepare(model, mc.MegaMoEConfig(kernel="reference", recipe="fp8_fp4"))
-    w = prep.kernel_weights(experts)
+    w = layer_state.kernel_weights(experts)
     assert torch.equal(quant.dequantize_mxfp4(w.w1[3], w.w1_scale[3]), checkpoint)

@@ -336,3 +336,61 @@ def test_cache_dtype_must_match_the_model(models):
     cache = DeepseekV4StaticCache(static.config, max_batch_size=1, max_cache_len=16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="dtype=model.dtype"):
         forward(static, prompts(1, 4), cache)
+
+
+def _foreign_config(base, **changes):
+    config = copy.deepcopy(base)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(sliding_window=4), "sliding_window: cache 4, model 6"),
+    (dict(compress_rates={"compressed_sparse_attention": 8, "heavily_compressed_attention": 16}), "compress_rates"),
+    (dict(compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4}), "compress_rates"),
+    (dict(layer_types=[LAYER_TYPES[1], LAYER_TYPES[0], *LAYER_TYPES[2:]]), "layer_types"),
+    (dict(head_dim=16), "head_dim: cache 16, model 32"),
+    (dict(num_hidden_layers=3), "num_hidden_layers: cache 3, model 4"),
+])
+def test_a_cache_built_for_another_config_is_refused_before_anything_runs(models, changes, named):
+    _, static = models
+    foreign = _foreign_config(static.config, **changes)
+    cache = DeepseekV4StaticCache(foreign, max_batch_size=1, max_cache_len=32)
+    with pytest.raises(ValueError, match=f"another DeepSeek-V4 config.*{named}.*model.config"):
+        generate(static, prompts(1, 5), 4, cache=cache)
+    with pytest.raises(ValueError, match=named):  # a plain forward, too (prefill and decode alike)
+        forward(static, prompts(1, 5), cache)
+    assert cache.get_seq_length() == 0
+
+
+def test_a_cache_reused_without_reset_is_refused_naming_reset(models):
+    _, static = models
+    cache = DeepseekV4StaticCache(static.config, max_batch_size=2, max_cache_len=40)
+    first = generate(static, prompts(2, 8), 6, cache=cache)
+    held = cache.get_seq_length()
+    with pytest.raises(ValueError, match=r"holds 2 sequences.*batch of 1; call cache.reset\(\)"):
+        generate(static, prompts(1, 8), 4, cache=cache)
+    with pytest.raises(ValueError, match=r"prompt of 5 tokens does not continue it.*cache.reset\(\)"):
+        generate(static, prompts(2, 5), 4, cache=cache)
+    with pytest.raises(ValueError, match="prompt of 8 tokens does not continue"):
+        generate(static, prompts(2, 8), 4, cache=cache)  # the same prompt again: also a new prompt
+    assert cache.get_seq_length() == held  # nothing ran
+    # Continuing what it holds (the sequences so far) is generate()'s StaticCache contract: allowed.
+    more = generate(static, first.sequences, 2, cache=cache)
+    cache.reset()
+    again = generate(static, first.sequences, 2, cache=cache)
+    assert torch.equal(more.sequences, again.sequences)
+
+
+def test_output_attentions_is_refused_under_static_decode(models):
+    reference, static = models
+    cache = DeepseekV4StaticCache(static.config, max_batch_size=1, max_cache_len=16)
+    with pytest.raises(NotImplementedError, match="output_attentions .*cache slots"):
+        generate(static, prompts(1, 4), 3, cache=cache, output_attentions=True)
+    forward(static, prompts(1, 4), cache)  # prefill: transformers' own forward, attentions and all
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="output_attentions=True.*cache slots"):
+        static(input_ids=prompts(1, 1), use_cache=True, output_attentions=True, **{cache_keyword(): cache})
+    # transformers' own cache still gives them.
+    out = generate(static, prompts(1, 4), 3, output_attentions=True)
+    assert out.attentions is not None

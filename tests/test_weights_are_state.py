@@ -255,7 +255,7 @@ def test_a_side_effecting_custom_op_in_the_block_leaves_the_layer_unfused():
     (dict(release_original_weights=2), "release_original_weights must be True or False, got int"),
     (dict(max_tokens_per_rank=True), "max_tokens_per_rank must be a positive int, got True"),
     (dict(max_tokens_per_rank=8.0), "max_tokens_per_rank must be a positive int"),
-    (dict(skip_layers=b"\x00"), "skip_layers must be a list or tuple, got bytes"),
+    (dict(skip_layers=b"\x00"), "skip_layers must be a sequence (list, tuple, range), got bytes"),
     (dict(skip_layers=[True]), "skip_layers must hold decoder-layer indices"),
     (dict(ep_check_calls=0), "ep_check_calls must be True or False, got int"),
     (dict(kernel=None), "MegaMoEConfig.kernel must be one of"),

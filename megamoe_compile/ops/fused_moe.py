@@ -10,14 +10,13 @@ recipe, its weight layout, its buffers).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import groups, recipes
+from . import groups, provenance, recipes
 from .layouts import KernelWeights
 
 # Tokens per rank and call a kernel's buffers hold unless told otherwise (MegaMoEConfig's default).
@@ -202,10 +201,10 @@ def fused_moe(
     `layer_id` numbers the layer alike on every rank, for the opt-in lockstep check
     (MegaMoEConfig.ep_check_calls; -1 when it is off).
     """
+    provenance.check_fresh(w1)  # a kernel-ready copy whose source weights changed since prepare is refused
     w1, w1_scale, w2, w2_scale = check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale,
                                                  kernel, recipe)
     impl = _KERNELS[kernel].run
-    _check_fresh(w1)
 
     if groups.checks_calls(group_name):
         groups.check_in_step(group_name, layer_id, x.device)
@@ -246,37 +245,6 @@ def prepared_weights(w1: torch.Tensor, w1_scale: torch.Tensor | None, w2: torch.
 @prepared_weights.register_fake
 def _(w1, w1_scale, w2, w2_scale, kernel, recipe, group_name, shared_batch, generation):
     return None
-
-
-# Kernel-ready w1 storage -> (weakref to that tensor, check): prepare registers, for each layer
-# whose kernel-ready weights are a copy of the model's, a check that says why that copy no longer
-# matches its source (weights changed in place or replaced since prepare), or "".
-_SOURCE_CHECKS: dict[int, tuple[weakref.ref, Callable[[], str]]] = {}
-
-
-def register_source_check(w1: torch.Tensor, check: Callable[[], str]) -> None:
-    _SOURCE_CHECKS[w1.untyped_storage().data_ptr()] = (weakref.ref(w1), check)
-
-
-def _check_fresh(w1: torch.Tensor) -> None:
-    """Refuse to compute with a kernel-ready copy whose source weights changed since prepare.
-
-    Runs on every call that runs Python (not in CUDA-graph replays): one dict lookup and a few
-    attribute reads."""
-    if not _SOURCE_CHECKS:
-        return
-    ptr = w1.untyped_storage().data_ptr()
-    entry = _SOURCE_CHECKS.get(ptr)
-    if entry is None:
-        return
-    ref, check = entry
-    owner = ref()
-    if owner is None or owner.untyped_storage().data_ptr() != ptr:
-        del _SOURCE_CHECKS[ptr]
-        return
-    why = check()
-    if why:
-        raise RuntimeError(why)
 
 
 def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel: str, recipe: str):

@@ -3,7 +3,8 @@ private world-size-1 group a single GPU uses, shared-batch slicing, and the opt-
 
 State kept across calls (per process): groups resolved by name (`_GROUPS`), one private group per
 GPU (`_PRIVATE_GROUPS`), and per group the number of fused calls made so far when the lockstep
-check is on (`_STEP_CHECKS`).
+check is on (`_STEP_CHECKS`). At load time, `ExpertParallel` says which experts this rank holds
+and checks that every rank planned alike.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -167,3 +169,68 @@ def check_in_step(group_name: str, layer_id: int, device: torch.device) -> None:
         raise RuntimeError(f"megamoe: expert-parallel ranks are out of step before a fused MoE call ({where}); "
                            "every rank must make the same MoE calls in the same order (generate with "
                            "synced_gpus=True; give every rank the same number of forward passes)")
+
+
+# -- this rank's place in an expert-parallel group (load time) ----------------------------------
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """This rank's place in the expert-parallel group a config names (`MegaMoEConfig.ep_mode`,
+    `ep_group`), for planning: each rank's experts, and whether ranks planned alike."""
+
+    group: object
+    group_name: str
+    world: int
+    rank: int
+    shared_batch: bool
+    ranks: tuple[int, ...] = ()  # global ranks of the group, in group-rank order
+
+    @classmethod
+    def of(cls, ep_mode: str, ep_group=None) -> ExpertParallel | None:
+        """None for ep_mode "none"; else the group (default: torch.distributed's world)."""
+        if ep_mode == "none":
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"MegaMoEConfig.ep_mode={ep_mode!r} needs torch.distributed initialised "
+                             "on every rank (e.g. under torchrun: dist.init_process_group())")
+        group = ep_group or dist.group.WORLD
+        return cls(group, register(group), dist.get_world_size(group), dist.get_rank(group),
+                   ep_mode == "shared_batch", tuple(dist.get_process_group_ranks(group)))
+
+    def local_range(self, name: str, num_experts: int) -> tuple[int, int]:
+        """[first, last) global expert ids this rank holds of a layer's `num_experts` experts.
+
+        Only for experts every rank holds whole: experts that transformers' expert parallelism
+        already sharded keep the range its mesh gave them.
+        """
+        if num_experts % self.world:
+            raise ValueError(f"{name}: {num_experts} experts cannot be split evenly over "
+                             f"an expert-parallel group of {self.world} ranks")
+        local = num_experts // self.world
+        return self.rank * local, (self.rank + 1) * local
+
+    def check_consistent(self, layers: list[tuple], *, one_host: bool, device: torch.device | None) -> None:
+        """Fail on every rank, not hang in a kernel, when ranks planned differently (`layers`: one
+        comparable tuple per layer) or, when `one_host`, when the group spans hosts."""
+        import socket
+
+        import torch.distributed as dist
+
+        mine = {"host": socket.gethostname(), "layers": list(layers)}
+        every = [None] * self.world
+        # NCCL's object gather stages through the *current* CUDA device; pin it to the experts' GPU
+        # (other libraries may have moved it, e.g. a device mesh built without LOCAL_RANK).
+        cuda = device if device is not None and device.type == "cuda" else None
+        with torch.cuda.device(cuda) if cuda is not None else contextlib.nullcontext():
+            dist.all_gather_object(every, mine, group=self.group)
+        for r, theirs in enumerate(every):
+            if theirs["layers"] != mine["layers"]:
+                diff = next((a, b) for a, b in zip(mine["layers"] + [None], theirs["layers"] + [None]) if a != b)
+                raise ValueError(f"megamoe: expert-parallel ranks planned differently (rank {self.rank} vs rank {r}): "
+                                 f"{diff[0]} != {diff[1]}; give every rank the same model and MegaMoEConfig")
+        hosts = {theirs["host"] for theirs in every}
+        if len(hosts) > 1 and one_host:
+            raise ValueError(f"megamoe: the expert-parallel group spans hosts {sorted(hosts)}; DeepGEMM MegaMoE "
+                             "exchanges tokens through NVLink symmetric memory within one node")

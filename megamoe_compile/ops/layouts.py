@@ -67,6 +67,17 @@ def _check_scale_grid(name: str, w: torch.Tensor, s: torch.Tensor, weight_format
                          f"expected {expected} ({rows}x{cols} {'blocks' if rows > 1 else 'groups'})")
 
 
+def scale_names(experts: torch.nn.Module) -> tuple[str, ...]:
+    """The attribute names of the experts' dequantization scales that exist (none for dense experts)."""
+    found = []
+    for name in ("gate_up_proj", "down_proj"):
+        attr = next((p.format(name) for p in _SCALE_NAMES if isinstance(getattr(experts, p.format(name), None),
+                                                                          torch.Tensor)), None)
+        if attr is not None:
+            found.append(attr)
+    return tuple(found)
+
+
 def _find_scale(experts: torch.nn.Module, name: str) -> torch.Tensor:
     for pattern in _SCALE_NAMES:
         scale = getattr(experts, pattern.format(name), None)

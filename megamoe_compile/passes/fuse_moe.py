@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .. import hf
-from .. import prepare as prep
+from .. import layer_state as state
 from ..ops.fused_moe import get_kernel
 from . import patterns
 from .fx_utils import (
@@ -35,14 +35,14 @@ __all__ = ["LayerFusion", "NoMatch", "PatternMismatch", "fuse_moe_layers", "prep
 
 
 @dataclass
-class LayerFusion(prep.FusedPlanView):
+class LayerFusion(state.FusedPlanView):
     """What the pass did with one MoE layer found in a graph; the layer's plan says the rest."""
 
     name: str
     fused: bool
     reason: str = ""
     traced_as: str | None = None
-    plan: prep.LayerPlan | None = field(default=None, repr=False)  # None: a layer prepare never planned
+    plan: state.LayerPlan | None = field(default=None, repr=False)  # None: a layer prepare never planned
     # nn_module_stack key of the MoE block, to find its nodes in the graph (`CompiledGraph.layer_code`).
     module_key: str = field(default="", repr=False)
     # Left unfused for a reason the user must act on (the backend warns once): stale weights.
@@ -79,11 +79,13 @@ def remove_markers(gm: fx.GraphModule) -> int:
 
 
 def prepared_blocks(graph: fx.Graph):
-    """Each prepared MoE block whose expert weights are inputs of `graph`, once, in graph order."""
+    """Each prepared MoE block whose expert weights (or kernel-ready weights) are inputs of `graph`,
+    once, in graph order. The tensors lead to their layer (`layer_state.prepared_block`): model
+    state, so a copy of a prepared model is found as itself."""
     seen = set()
     for node in graph.nodes:
         tensor = real_tensor(node) if node.op == "placeholder" else None
-        block = prep.block_for_weight(tensor) if tensor is not None else None
+        block = state.prepared_block(tensor) if tensor is not None else None
         if block is not None and id(block) not in seen:
             seen.add(id(block))
             yield block
@@ -93,10 +95,13 @@ def unprepared_moe_blocks(graph: fx.Graph) -> list[str]:
     """Names of the MoE blocks whose code is in `graph` but that `prepare` has not planned (so
     nothing about them can be fused), in graph order. A block met in pieces (graph breaks: its
     router traced as a frame of its own) is named by its path within that frame."""
+    prepared = set()
+    for block in prepared_blocks(graph):
+        prepared.update(str(id(m)) for m in (block, getattr(block, "gate", None), block.experts) if m is not None)
     found: dict[str, None] = {}
     for node in graph.nodes:
         for key, (path, cls) in (node.meta.get("nn_module_stack") or {}).items():
-            if prep.is_prepared_part(key):
+            if key in prepared:
                 continue
             suffix = hf.block_part_suffix(cls)
             if suffix is None:
@@ -113,7 +118,7 @@ def _is_marker(node: fx.Node) -> bool:
 # -- one layer --------------------------------------------------------------------------------
 
 def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module) -> LayerFusion:
-    plan = prep.plan_of(block)
+    plan = state.plan_of(block)
     experts_key = str(id(block.experts))
     result = LayerFusion(plan.name, False, plan=plan, module_key=str(id(block)))
     if not plan.fuse:
@@ -126,8 +131,18 @@ def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module) -> LayerFusion:
             result.traced_as = "megamoe"
             _check_already_fused(gm.graph, experts_key, block)
         else:
+            if not region(gm.graph, str(id(block))):
+                raise NoMatch("only this layer's experts module is in the graph (compiled on its own, or split from "
+                              "its MoE block by a graph break); the fused op replaces the block from the router's "
+                              "output on: compile the MoE block or the whole model")
+            configured = state.configured_implementation(block.experts)
+            if configured != spec.experts_implementation:  # model.set_experts_implementation after prepare
+                result.needs_attention = True
+                raise NoMatch(f"{plan.name}: the model's experts implementation is now {configured!r} (set after prepare, which "
+                              f"planned the layer for {spec.experts_implementation!r}); it runs {configured!r} unfused "
+                              "until mc.prepare(model, config) plans it again")
             marker = _marker(gm.graph, experts_key, plan)
-            stale = prep.stale_reason(block.experts)
+            stale = state.stale_reason(block.experts)
             if stale:
                 result.needs_attention = plan.stale_seen = True
                 raise NoMatch(stale)
@@ -153,12 +168,12 @@ def _check_already_fused(graph: fx.Graph, experts_key: str, block) -> None:
     ex = match(region(graph, experts_key), patterns.EXPERTS_ALREADY_FUSED, "experts")
     _expect(ex["op"].target in (torch.ops.megamoe.fused_moe, torch.ops.megamoe.fused_moe.default),
             "experts call another op than megamoe.fused_moe")
-    w1, _, w2, _ = prep.kernel_ready(block.experts)
+    w1, _, w2, _ = state.kernel_ready(block.experts)
     _expect(is_tensor(ex[patterns.W1], w1) and is_tensor(ex[patterns.W2], w2),
             "fused op does not use this layer's prepared weights")
 
 
-def _marker(graph: fx.Graph, experts_key: str, plan: prep.LayerPlan) -> fx.Node:
+def _marker(graph: fx.Graph, experts_key: str, plan: state.LayerPlan) -> fx.Node:
     """The layer's `megamoe.prepared_weights` call: where its kernel-ready weights enter the graph.
 
     Its constants were read (and guarded) by dynamo from the plan when the graph was traced; they
@@ -169,7 +184,7 @@ def _marker(graph: fx.Graph, experts_key: str, plan: prep.LayerPlan) -> fx.Node:
                       f"({len(markers)} megamoe.prepared_weights calls); call mc.prepare(model, config) "
                       "before compiling")
     marker = markers[0]
-    traced, planned = tuple(marker.args[4:]), prep.marker_constants(plan)
+    traced, planned = tuple(marker.args[4:]), state.marker_constants(plan)
     if traced != planned:
         raise NoMatch(f"the graph was traced for kernel/recipe/group {traced}, the layer is now planned for "
                       f"{planned}")
@@ -337,7 +352,7 @@ def _check_restored_order(ex: dict[str, fx.Node]) -> None:
     _expect(len(ex["scatter"].args) == 3, "inverse permutation is not inv[perm] = arange")
 
 
-def _check_runtime(found: _Match, spec: hf.MoESpec, plan: prep.LayerPlan) -> None:
+def _check_runtime(found: _Match, spec: hf.MoESpec, plan: state.LayerPlan) -> None:
     hidden_node, ex = found.experts[patterns.HIDDEN], found.experts
     hidden = hidden_node.meta.get("example_value")
     if hidden is None:
@@ -361,7 +376,7 @@ def _check_runtime(found: _Match, spec: hf.MoESpec, plan: prep.LayerPlan) -> Non
 
 # -- rewrite ----------------------------------------------------------------------------------
 
-def _rewrite(gm: fx.GraphModule, found: _Match, marker: fx.Node, plan: prep.LayerPlan) -> None:
+def _rewrite(gm: fx.GraphModule, found: _Match, marker: fx.Node, plan: state.LayerPlan) -> None:
     graph = gm.graph
     out = found.experts["out"]
     with graph.inserting_before(out):
@@ -370,7 +385,7 @@ def _rewrite(gm: fx.GraphModule, found: _Match, marker: fx.Node, plan: prep.Laye
         idx = graph.call_method("to", (found.experts[patterns.IDS], torch.int32))
         wts = graph.call_method("to", (found.experts[patterns.WEIGHTS], torch.float32))
         # The layer's kernel-ready weights, as graph inputs (the marker's first four arguments).
-        args, kwargs = prep.fused_call(plan, found.experts[patterns.HIDDEN], idx, wts, marker.args[:4],
+        args, kwargs = state.fused_call(plan, found.experts[patterns.HIDDEN], idx, wts, marker.args[:4],
                                        found.swiglu_limit)
         fused = graph.call_function(torch.ops.megamoe.fused_moe.default, args, kwargs)
     for new in (idx, wts, fused):

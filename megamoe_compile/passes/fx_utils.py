@@ -168,10 +168,15 @@ def same_scalar(a, b) -> bool:
 
 
 def is_negation(a, b) -> bool:
-    """Whether `a` is -`b` (numbers, or a neg node of `b`)."""
+    """Whether `a` is -`b`: numbers, or a neg node of `b`. With dynamic shapes dynamo may trace `-limit`
+    as a graph node even where `limit` is a constant (`operator.neg(10.0)`): that is -`b` too."""
+    if isinstance(a, fx.Node) and a.op == "call_function" and a.target in (operator.neg, torch.neg):
+        inner = a.args[0]
+        if isinstance(b, fx.Node) or isinstance(inner, fx.Node):
+            return inner is b
+        return is_scalar(inner) and is_scalar(b) and float(inner) == float(b)
     if isinstance(b, fx.Node):
-        return (isinstance(a, fx.Node) and a.op == "call_function" and a.target in (operator.neg, torch.neg)
-                and a.args[0] is b)
+        return False
     return is_scalar(a) and not isinstance(a, fx.Node) and float(a) == -float(b)
 
 

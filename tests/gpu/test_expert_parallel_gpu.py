@@ -111,7 +111,7 @@ def _worker(rank, world, directory):
                 got = torch.compile(model, backend=be)(prompt).logits
             results[mode] = (all(f.fused for f in be.fusions), cos_diff(got.float(), expected.float()))
             if mode == "local_batch":  # rank 1 "skipped" layer 0: both ranks must raise, not hang
-                from megamoe_compile.prepare import kernel_weights
+                from megamoe_compile.layer_state import kernel_weights
 
                 w = kernel_weights(model.model.layers[rank].mlp.experts)
                 x = torch.randn(2, HIDDEN_MODEL, device="cuda", dtype=torch.bfloat16)
