@@ -38,21 +38,16 @@ import traceback
 import warnings
 
 import torch
+from common import graphed, log, time_ms_cpu
+from common import time_ms as cuda_time_ms
 from transformers import CompileConfig, DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache, LogitsProcessor
 
 import megamoe_compile as mc
+from megamoe_compile.decode.v4_static_cache import DeepseekV4StaticCache
+from megamoe_compile.decode.v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 from megamoe_compile.layer_state import kernel_ready, plan_of
-from megamoe_compile.v4_static_cache import DeepseekV4StaticCache
-from megamoe_compile.v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_moe_block import graphed, time_ms as cuda_time_ms  # noqa: E402  (the house helpers)
 
 VARIANTS = ("hf_eager", "hf_compile", "static_inductor", "static_megamoe", "moe_kernel")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def build(layers: int, device: str, dry_run: bool) -> DeepseekV4ForCausalLM:
@@ -157,17 +152,10 @@ def moe_kernel_ms(model, batch: int, device: torch.device, reps: int) -> float |
 
 
 def time_ms(fn, device: torch.device, reps: int) -> float:
-    """Median milliseconds per call: bench_moe_block's CUDA-event timer on a GPU, wall clock on CPU."""
+    """Median milliseconds per call: the CUDA-event timer on a GPU, wall clock on CPU (common.py)."""
     if device.type == "cuda":
         return cuda_time_ms(fn, warmup=3, reps=reps)
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return time_ms_cpu(fn, warmup=3, reps=reps)
 
 
 def main() -> None:
@@ -236,7 +224,7 @@ def main() -> None:
                     static_cache = (DeepseekV4StaticCache(model.config, max_batch_size=batch,
                                                           max_cache_len=context + args.steps + 2, device=device,
                                                           dtype=model.dtype) if static else None)
-                    for attempt in range(2 if variant != "hf_eager" else 1):  # compiled: the first call compiles
+                    for _attempt in range(2 if variant != "hf_eager" else 1):  # compiled: the first call compiles
                         if static:
                             static_cache.reset()
                         cache = static_cache if static else DynamicCache(config=model.config)

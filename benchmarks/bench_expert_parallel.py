@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -42,9 +41,6 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-# The repository's megamoe_compile, wherever the script is started from (spawned ranks inherit sys.path).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # NVLink multicast must stay off (the GPU machines set these too).
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

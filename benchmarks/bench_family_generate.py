@@ -186,7 +186,8 @@ def main() -> int:
         for b in args.batch:
             if b < 32 and b != 1:
                 continue
-            mega, ind = get("static_megamoe", b, "decode_tokens_per_s"), get("static_inductor", b, "decode_tokens_per_s")
+            mega = get("static_megamoe", b, "decode_tokens_per_s")
+            ind = get("static_inductor", b, "decode_tokens_per_s")
             ratio = None if mega is None or ind is None else mega / ind
             bound = 3.0 if b >= 32 else 1.0
             out.append({"target": f"batch {b}: static_megamoe >= {bound:g}x static_inductor decode tokens/s",
@@ -216,7 +217,8 @@ def main() -> int:
             seen = durations.get(variant) or [d for ds in durations.values() for d in ds]
             estimate = max(seen) if seen else 0.0
             if args.time_budget is not None and elapsed + estimate > args.time_budget:
-                row["skipped"] = f"time budget: {elapsed:.0f} s spent, a case of this variant took up to {estimate:.0f} s"
+                row["skipped"] = (f"time budget: {elapsed:.0f} s spent, a case of this variant took up to "
+                                  f"{estimate:.0f} s")
                 rows.append(row)
                 log(f"{variant} batch {batch}: skipped ({row['skipped']})")
                 save()
@@ -266,9 +268,11 @@ def main() -> int:
 
     for r in rows:
         if "skipped" in r or "error" in r:
-            print(f"{r['variant']} | {r['batch']} | {'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r['error']}")
+            why = "skipped: " + r["skipped"] if "skipped" in r else "error: " + r["error"]
+            print(f"{r['variant']} | {r['batch']} | {why}")
             continue
-        print(" | ".join([r["variant"], str(r["batch"]), fmt(r["decode_ms_per_step"]), fmt(r["decode_tokens_per_s"], ".1f"),
+        print(" | ".join([r["variant"], str(r["batch"]), fmt(r["decode_ms_per_step"]),
+                          fmt(r["decode_tokens_per_s"], ".1f"),
                           fmt(r["tokens_per_s"], ".1f"), fmt(r["ttft_ms"], ".1f"), fmt(r["warmup_s"], ".1f"),
                           fmt(r.get("agreement_with_eager")), str(r.get("fused_moe_ops_traced", "-"))]))
     print("\ntargets:")

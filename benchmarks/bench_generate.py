@@ -22,7 +22,6 @@ from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 import megamoe_compile as mc
 
-
 VARIANTS = ("hf_eager", "torch_compile", "megamoe")
 
 

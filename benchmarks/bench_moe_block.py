@@ -41,14 +41,13 @@ sizes on the CPU with the reference kernel (checks the code paths, times mean no
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
+from common import cos_diff, free_memory, graphed, log, time_ms, time_ms_cpu
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 4096, 2048, 256, 6
 VARIANTS = ("hf_eager", "hf_grouped_mm", "hf_compile", "hf_compile_ro", "megamoe", "megamoe_ro", "kernel",
@@ -65,10 +64,6 @@ ISSUE_FAMILIES = ("qwen3_30b_a3b", "deepseek_v3", "glm45_air", "mixtral")
 DRY = dict(hidden=256, intermediate=128)  # --dry-run sizes (experts 16, or 8 for mixtral; top-k <= 4)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def build_block(seed: int = 0):
     from transformers import DeepseekV4Config
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4SparseMoeBlock
@@ -83,7 +78,7 @@ def build_block(seed: int = 0):
     block.eval().requires_grad_(False)
     g = torch.Generator(device="cuda").manual_seed(seed)
     with torch.no_grad():
-        for name, p in block.named_parameters():
+        for _name, p in block.named_parameters():
             fan_in = p.shape[-1]
             p.copy_(torch.randn(p.shape, device="cuda", generator=g, dtype=p.dtype).mul_(fan_in**-0.5))
         block.gate.e_score_correction_bias.normal_(0, 0.1, generator=g)
@@ -163,60 +158,6 @@ def build_family_block(family: str, shape: dict, device: str, seed: int = 0):
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.1, generator=g)
     return block, cfg
-
-
-def time_ms(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds per call; CUDA events around each call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def time_ms_cpu(fn, warmup: int, reps: int) -> float:
-    """--dry-run: wall-clock median (the code path, not a measurement)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def graphed(fn):
-    """Capture fn() (after a warm-up on a side stream) into a CUDA graph; returns replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def cos_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float(1 - 2 * (a * b).sum() / (a * a + b * b).sum())
-
-
-def free_memory() -> None:
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def run_family(family: str, args, variants: list[str], save_partial) -> dict:
@@ -404,7 +345,8 @@ def run_family(family: str, args, variants: list[str], save_partial) -> dict:
 
     print(f"\n{meta['device']} | torch {meta['torch']} | transformers {meta['transformers']} | {dg_version}")
     s = meta["shape"]
-    print(f"{shape['title']} MoE block ({meta['block']}: hidden {s['hidden']}, moe_intermediate {s['moe_intermediate']}, "
+    print(f"{shape['title']} MoE block ({meta['block']}: hidden {s['hidden']}, "
+          f"moe_intermediate {s['moe_intermediate']}, "
           f"{s['experts']} experts, top-{s['top_k']}{', shared expert' if s['shared_expert'] else ''}), "
           f"ms per forward (median of {args.reps}); wall {meta['wall_s']} s")
     head = ["T", *variants, "x_vs_compile", "x_ro_vs_ro", "ro/(k+s)" if shape["shared_expert"] else "ro/k", "acc"]
@@ -423,7 +365,7 @@ def run_family(family: str, args, variants: list[str], save_partial) -> dict:
     sys.stdout.flush()
 
     # Free everything of this family before the next one is built.
-    del block, cfg, xs, reference
+    block = xs = reference = None  # free the GPU memory before the next family
     if not dry:
         deepgemm.release_buffers()
     free_memory()
@@ -506,8 +448,9 @@ def main() -> int:
             if "error" in out:
                 print(f"  {fam}: error {out['error']}")
                 continue
-            cells = " ".join(f"T={r['tokens']}:{'-' if r['speedup_vs_hf_compile'] is None else format(r['speedup_vs_hf_compile'], '.2f')}"
-                             for r in out["rows"])
+            def speedup(r):
+                return "-" if r["speedup_vs_hf_compile"] is None else format(r["speedup_vs_hf_compile"], ".2f")
+            cells = " ".join(f"T={r['tokens']}:{speedup(r)}" for r in out["rows"])
             met = [t["met"] for t in out["targets"] if "megamoe >= 1.8x hf_compile" in t["target"]]
             state = "n/a" if not met or None in met else ("MET" if all(met) else "MISSED")
             print(f"  {state:6s} {fam}: {cells}")

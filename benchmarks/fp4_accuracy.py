@@ -40,16 +40,13 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import megamoe_compile as mc  # noqa: E402
-from megamoe_compile.ops import layouts, quant  # noqa: E402
+import megamoe_compile as mc
+from megamoe_compile.ops import layouts, quant
 
 RECIPES = ("none", "fp8", "fp8_fp4", "fp4_fp4")
 VOCAB = 1024
@@ -269,8 +266,10 @@ def main() -> None:
     if from_mxfp4:
         print(f"fp4-native, recipe fp8 built from MXFP4 storage (exact power-of-two conversion, as from an "
               f"FP4 checkpoint): layer diff {statistics.mean(from_mxfp4):.2e}")
-    result = {"model": {**SIZES, "vocab": VOCAB, "dtype": "bfloat16"}, "graphs_traced": sum(len(be.graphs) for be in models.backends.values()), "args": {k: (str(v) if isinstance(v, Path) else v)
-              for k, v in vars(args).items()}, "torch": torch.__version__, "elapsed_s": round(elapsed, 1),
+    result = {"model": {**SIZES, "vocab": VOCAB, "dtype": "bfloat16"},
+              "graphs_traced": sum(len(be.graphs) for be in models.backends.values()),
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "torch": torch.__version__, "elapsed_s": round(elapsed, 1),
               "summary": summary, "rows": rows}
     print(json.dumps(result["summary"], indent=1))
     print(f"elapsed {elapsed:.0f} s")

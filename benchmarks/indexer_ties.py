@@ -56,7 +56,8 @@ def count(heads: int, seeds: int, batch: int, new_tokens: int) -> dict:
             ties += int(tied.sum())
             zero_ties += int((tied & (top[:, TOPK] == 0)).sum())
 
-        handles = [mod.register_forward_hook(hook) for mod in m.modules() if type(mod).__name__ == "DeepseekV4IndexerScorer"]
+        handles = [mod.register_forward_hook(hook) for mod in m.modules()
+                   if type(mod).__name__ == "DeepseekV4IndexerScorer"]
         ids = torch.randint(0, VOCAB, (batch, 8), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -78,7 +79,8 @@ def main() -> None:
     rows = [count(int(h), args.seeds, args.batch, args.new_tokens) for h in args.heads.split(",")]
     print(f"{'index heads':>11} {'cases':>7} {'ties at k':>9} {'at zero':>7} {'fraction':>9}")
     for r in rows:
-        print(f"{r['index_heads']:>11} {r['cases']:>7} {r['boundary_ties']:>9} {r['ties_at_zero']:>7} {r['fraction']:>9.4f}")
+        print(f"{r['index_heads']:>11} {r['cases']:>7} {r['boundary_ties']:>9} {r['ties_at_zero']:>7} "
+              f"{r['fraction']:>9.4f}")
     path = os.path.join(os.environ.get("OUT", "."), args.out)
     with open(path, "w") as f:
         json.dump({"topk": TOPK, "rows": rows, "args": vars(args)}, f, indent=2)

@@ -19,9 +19,9 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from demo import build_model
 
 import megamoe_compile as mc
-from demo import build_model
 
 
 def main() -> None:

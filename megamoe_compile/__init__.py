@@ -11,11 +11,10 @@ Data flows one way: config -> prepare (weights) -> pass (graph) -> ops (kernels)
 from . import ops  # noqa: F401  (defines torch.ops.megamoe.*)
 from .backend import CompiledGraph, MegaMoEBackend, backend, compile, megamoe_backend
 from .config import MegaMoEConfig
+from .decode import DeepseekV4StaticCache, cache_keyword, disable_static_decode, enable_static_decode
 from .explain import LayerReport, MoEReport, explain
 from .layer_state import LayerPlan, UnsupportedLayerError, layer_plans
 from .prepare import prepare
-from .v4_static_cache import DeepseekV4StaticCache
-from .v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 
 __all__ = [
     "CompiledGraph", "DeepseekV4StaticCache", "LayerPlan", "LayerReport", "MegaMoEBackend", "MegaMoEConfig",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,19 +34,41 @@ class CompiledGraph:
         return self.graph_module.code
 
     def layer_code(self, name: str) -> str:
-        """The nodes of MoE block `name` (router, fused op, shared expert), one line each."""
+        """The nodes of MoE block `name` (router, fused op, shared expert), one line each. Values are
+        named by what made them, numbered within the layer (`linear`, `linear_1`, ...), not by
+        dynamo's numbering of the whole graph, so one layer reads the same wherever it is traced."""
         fusion = next((f for f in self.fusions if f.name == name), None)
         if fusion is None:
             raise KeyError(f"no MoE layer {name!r} in this graph; it has {[f.name for f in self.fusions]}")
         nodes = [n for n in self.graph_module.graph.nodes if n.op not in ("placeholder", "get_attr")
                  and fusion.module_key in (n.meta.get("nn_module_stack") or {})]
-        return "\n".join(_format_node(n) for n in nodes)
+        return "\n".join(_format_node(n, _layer_names(nodes)) for n in nodes)
 
 
-def _format_node(node: fx.Node) -> str:
+def _layer_names(nodes: list[fx.Node]) -> dict[fx.Node, str]:
+    """Names for the nodes a layer's lines show: dynamo's name without its graph-wide number, then
+    numbered in order of first appearance (placeholders keep their names: they name the tensor)."""
+    names: dict[fx.Node, str] = {}
+    taken: dict[str, int] = {}
+    for node in nodes:
+        for value in (*node.all_input_nodes, node):
+            if value in names:
+                continue
+            if value.op in ("placeholder", "get_attr"):
+                names[value] = value.name
+                continue
+            base = re.sub(r"_\d+$", "", value.name)
+            count = taken.get(base, 0)
+            taken[base] = count + 1
+            names[value] = base if count == 0 else f"{base}_{count}"
+    return names
+
+
+def _format_node(node: fx.Node, names: dict[fx.Node, str]) -> str:
     def show(a):
         if isinstance(a, fx.Node):
-            return a.name if len(a.name) <= 40 else "..." + a.name[-37:]
+            name = names.get(a, a.name)
+            return name if len(name) <= 40 else "..." + name[-37:]
         if isinstance(a, (tuple, list)):
             return "(" + ", ".join(show(x) for x in a) + ")"
         return repr(a)
@@ -55,7 +78,7 @@ def _format_node(node: fx.Node) -> str:
         target = str(node.target)
     args = [show(a) for a in node.args] + [f"{k}={show(v)}" for k, v in node.kwargs.items()]
     prefix = "." if node.op == "call_method" else ""
-    return f"{node.name} = {prefix}{target}({', '.join(args)})"
+    return f"{names.get(node, node.name)} = {prefix}{target}({', '.join(args)})"
 
 
 class MegaMoEBackend:
@@ -81,7 +104,8 @@ class MegaMoEBackend:
             # is decided at load time, by prepare; the backend never re-plans or frees weights.
             raise ValueError(f"megamoe: torch.compile options {plan_fields} are MegaMoEConfig fields that prepare "
                              "decides; pass them to mc.prepare(model, mc.MegaMoEConfig(...)) (or use "
-                             f"mc.compile(model, config)); options= takes {sorted(COMPILE_FIELDS)} and inductor options")
+                             f"mc.compile(model, config)); options= takes {sorted(COMPILE_FIELDS)} and inductor "
+                             "options")
         # Without an explicit config, the one the model was prepared with; options= refine it.
         config = self.config or _prepared_config(gm) or MegaMoEConfig()
         if fields:

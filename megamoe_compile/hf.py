@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 # The transformers releases whose MoE code the tests verify: (first, last) minor versions, inclusive.
-TESTED_TRANSFORMERS = ((5, 23), (5, 24))
+TESTED_TRANSFORMERS = ((5, 23), (5, 25))
 
 
 def transformers_version() -> tuple[int, int] | None:
@@ -59,7 +59,8 @@ MXFP4_GROUP = 32
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 # Said when a model has no MoE layer we recognise.
 RECOGNISED_FAMILIES = ("recognised: DeepSeek-V4 (DeepseekV4SparseMoeBlock) and every MoE block whose experts run "
-                       "through transformers' experts interface (Qwen-MoE, DeepSeek-V2/V3, GLM-4.5, MiniMax-M2, Mixtral, "
+                       "through transformers' experts interface (Qwen-MoE, DeepSeek-V2/V3, GLM-4.5, MiniMax-M2, "
+                       "Mixtral, "
                        "OLMoE, ...), dense or FP8Experts")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -191,7 +192,7 @@ def find_moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
     return found
 
 
-_MOE_CLASS_NAME = re.compile(r"(Moe|MoE|MoA|Experts)(Block|Layer|Mlp|MLP)?$|SparseMoe")
+_MOE_CLASS_NAME = re.compile(r"(Moe|MoE|MoA|Experts)(Block|Layer)?$|SparseMoe")  # not ...MoeMLP (dense)
 
 
 def unrecognised_moe_modules(model: torch.nn.Module) -> list[tuple[str, str]]:
@@ -343,7 +344,7 @@ def _describe_family(name: str, block: torch.nn.Module) -> tuple[MoESpec | None,
     why = _implementation_problem(impl, quantized)
     if why:
         return None, why
-    limit = getattr(experts, "limit", None) if quantized else None
+    limit = getattr(experts, "limit", None) if quantized else clamped_swiglu_limit(experts)
     spec = MoESpec(
         name=name, layer_index=layer_index(name), router="graph", scoring_func=None, top_k=top_k,
         num_experts=int(num_experts), hidden=int(hidden), intermediate=int(two_i // 2), routed_scaling_factor=None,
@@ -400,6 +401,8 @@ def _experts_problem(experts: torch.nn.Module, expected_gate) -> str:
                 "silu(gate) * up")
     if is_fp8_experts(experts):
         return _activation_problem(experts) or _fp8_experts_problem(experts)
+    if "_apply_gate" not in vars(experts) and clamped_swiglu_limit(experts) is not None:
+        return ""  # the class's own clamped SwiGLU (HY-V4, GLM-5-Next): the pass checks its traced ops
     if "_apply_gate" in vars(experts) or getattr(type(experts), "_apply_gate", None) is not expected_gate:
         limit = getattr(experts, "swiglu_limit", None)
         whose = "the instance's" if "_apply_gate" in vars(experts) else f"{type(experts).__name__}'s own"
@@ -407,6 +410,20 @@ def _experts_problem(experts: torch.nn.Module, expected_gate) -> str:
                 + (f" (SwiGLU clamped at swiglu_limit={limit})" if limit is not None else "")
                 + ", not transformers' default silu(gate) * up that the pass recognises")
     return _activation_problem(experts)
+
+
+def clamped_swiglu_limit(experts: torch.nn.Module) -> float | None:
+    """The clamp of an experts class whose own `_apply_gate` is a clamped SwiGLU (a `swiglu_limit`
+    and no other gating attribute): silu(gate.clamp(max=l)) * up.clamp(-l, l), what DeepSeek-V4's
+    experts compute. Only a candidate: the pass matches the traced ops against that pattern and
+    leaves the layer unfused if they differ."""
+    limit = getattr(experts, "swiglu_limit", None)
+    own = getattr(type(experts), "_apply_gate", None)
+    if not isinstance(limit, (int, float)) or isinstance(limit, bool) or own is None or \
+            own is _default_apply_gate() or getattr(experts, "swiglu_alpha", None) is not None or \
+            getattr(experts, "limit_after_act", False):
+        return None
+    return float(limit)
 
 
 def _activation_problem(experts: torch.nn.Module) -> str:
@@ -548,10 +565,15 @@ def _fp8_experts_problem(experts: torch.nn.Module) -> str:
     """
     f = fp8_integration()
     if getattr(experts, "activation_scheme", None) != "dynamic":
-        return f"FP8 experts use activation_scheme={getattr(experts, 'activation_scheme', None)!r}; the fused kernels quantize activations dynamically"
+        return (f"FP8 experts use activation_scheme={getattr(experts, 'activation_scheme', None)!r}; the fused "
+                "kernels quantize activations dynamically")
+    if getattr(experts, "limit_after_act", False) and getattr(experts, "limit", None) is not None:
+        return (f"FP8 experts clamp after the activation (limit_after_act=True: silu(gate).clamp(max="
+                f"{experts.limit})); the fused kernel clamps gate before silu")
     for attr in ("swiglu_alpha", "gate_softcap", "up_softcap"):
         if getattr(experts, attr, None) is not None:
-            return f"FP8 experts apply {attr}={getattr(experts, attr)!r}; the fused kernel computes a clamped SwiGLU only"
+            return (f"FP8 experts apply {attr}={getattr(experts, attr)!r}; the fused kernel computes a clamped "
+                    "SwiGLU only")
     gate_fn = type(experts)._apply_gate
     if "_apply_gate" in vars(experts) or getattr(gate_fn, "__qualname__", "") != f"{FP8_EXPERTS_CLASS}._apply_gate" \
             or getattr(gate_fn, "__module__", None) != f.__name__:
@@ -562,7 +584,7 @@ def _fp8_experts_problem(experts: torch.nn.Module) -> str:
         return "FP8 experts without gate_up_proj_scale_inv/down_proj_scale_inv"
     if w1.dim() != 3 or w2.dim() != 3 or w1.shape[0] != w2.shape[0]:
         return f"FP8 expert weights of shapes {tuple(w1.shape)}, {tuple(w2.shape)} are not [E, N, K]"
-    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    e8m0 = torch.float8_e8m0fnu  # transformers' scale_fmt="ue8m0" (torch >= 2.11 has the dtype)
     if w1.dtype == torch.float8_e4m3fn and w2.dtype == torch.float8_e4m3fn:
         block = tuple(experts.block_size) if experts.block_size is not None else None
         if block != FP8_BLOCK:
@@ -579,12 +601,13 @@ def _fp8_experts_problem(experts: torch.nn.Module) -> str:
             grid = (w.shape[0], w.shape[1], w.shape[2] * 2 // MXFP4_GROUP)
             if (w.shape[2] * 2) % MXFP4_GROUP or tuple(s.shape) != grid:
                 return f"FP4 {name} {tuple(w.shape)} with scales {tuple(s.shape)} is not MXFP4 (one scale per 1x32)"
-            if e8m0 is None or s.dtype != e8m0:
+            if s.dtype != e8m0:
                 # scale_fmt="float" stores FP4 scales as float32; transformers' own FP4 kernels
                 # take UE8M0 only, and a float32 scale need not be a power of two.
                 return f"FP4 {name}_scale_inv of dtype {s.dtype}; MXFP4 needs UE8M0 (scale_fmt='ue8m0') scales"
         return ""
-    return f"FP8 expert weights of dtypes {w1.dtype}/{w2.dtype} are not a format we read (float8_e4m3fn or int8-packed FP4)"
+    return (f"FP8 expert weights of dtypes {w1.dtype}/{w2.dtype} are not a format we read (float8_e4m3fn or "
+            "int8-packed FP4)")
 
 
 def _activation_dtype(block: torch.nn.Module) -> torch.dtype:

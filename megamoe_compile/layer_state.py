@@ -171,7 +171,8 @@ def link(experts: torch.nn.Module) -> None:
     expert weights (moved in place), and its copy is stale until prepared again."""
     rec = record_of(experts)
     if rec is not None and rec.provenance is not None:
-        rec.provenance.name(getattr(experts, "gate_up_proj", None), getattr(experts, BUFFER_PREFIX + "w1", None))
+        rec.provenance.name(*(getattr(experts, n, None) for n in source_names(experts)),
+                            getattr(experts, BUFFER_PREFIX + "w1", None))
 
 
 def prepared_block(tensor: torch.Tensor) -> torch.nn.Module | None:

@@ -12,9 +12,9 @@ import pickle
 
 import pytest
 import torch
+from helpers import input_ids, tiny_model
 
 import megamoe_compile as mc
-from conftest import input_ids, tiny_model
 
 FP8 = mc.MegaMoEConfig(kernel="reference", recipe="fp8")
 
@@ -24,7 +24,7 @@ def v4():
 
 
 def qwen():
-    from test_families import family_model
+    from helpers import family_model
 
     return family_model("qwen3_moe", hidden_size=128, moe_intermediate_size=128)
 
@@ -306,3 +306,11 @@ def test_compiling_the_experts_module_alone_of_a_prepared_model():
     assert [f.fused for f in be.fusions] == [False]
     assert "only this layer's experts module is in the graph" in be.fusions[0].reason, be.fusions[0].reason
     assert "mc.prepare" not in be.fusions[0].reason
+
+
+def test_the_unprepared_warning_names_no_family():
+    model = qwen()  # never prepared
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"2 MoE layer\(s\) in this graph were not prepared") as seen:
+        torch.compile(model, backend=mc.backend(mc.MegaMoEConfig(kernel="reference"), inner_backend="eager"))(
+            input_ids())
+    assert not any("DeepSeek-V4" in str(w.message) for w in seen)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import input_ids, tiny_model
 
 import megamoe_compile as mc
-from conftest import input_ids, tiny_model
 
 
 @pytest.mark.parametrize("fields, message", [

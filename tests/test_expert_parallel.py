@@ -11,9 +11,9 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import eager_backend, input_ids, run_on_gloo_ranks, tiny_model
 
 import megamoe_compile as mc
-from conftest import eager_backend, input_ids, run_on_gloo_ranks, tiny_model
 
 WORLD = 2
 
@@ -202,7 +202,7 @@ def test_transformers_ep_experts_are_read_as_sharded_not_resharded(ranks):
 
 
 def test_transformers_ep_model_fuses_over_the_same_ranks(ranks):
-    for rank, res in enumerate(ranks):
+    for _rank, res in enumerate(ranks):
         for mode in HF_EP_MODES:
             plans, fusions = res[f"hf_ep_{mode}_plans"], res[f"hf_ep_{mode}_fusions"]
             assert all(p["fuse"] and p["kernel_buffers"] for p in plans)

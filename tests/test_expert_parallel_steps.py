@@ -6,15 +6,13 @@ leaves the others waiting in the kernel's (or the collectives') synchronisation 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import eager_backend, input_ids, run_on_gloo_ranks, tiny_model
 
 import megamoe_compile as mc
-from conftest import eager_backend, input_ids, run_on_gloo_ranks, tiny_model
 from megamoe_compile.layer_state import kernel_weights
-
 from megamoe_compile.ops import groups
 
 WORLD = 2

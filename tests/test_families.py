@@ -5,52 +5,13 @@ the reason."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from expecttest import TestCase
-from transformers import AutoConfig, AutoModelForCausalLM, CompileConfig
+from helpers import _MLA, FAMILIES, eager_backend, family_model, input_ids
+from transformers import AutoModelForCausalLM, CompileConfig
 
 import megamoe_compile as mc
-from conftest import VOCAB, eager_backend, input_ids
-
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-              num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-              pad_token_id=0, bos_token_id=1, eos_token_id=2)
-_MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, head_dim=16)
-_LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
-                         linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
-# model_type -> (config fields, router kind the report names, number of MoE layers)
-FAMILIES = {
-    "deepseek_v3": (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-                         n_shared_experts=1, routed_scaling_factor=2.5, **_MLA), "sigmoid+bias grouped", 1),
-    "deepseek_v2": (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-                         n_shared_experts=1, **_MLA), "softmax grouped", 1),
-    "qwen3_moe": (dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True), "softmax", 2),
-    "qwen2_moe": (dict(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=64), "softmax", 2),
-    "qwen3_next": (dict(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=64,
-                        **_LINEAR_ATTENTION), "softmax", 2),
-    "glm4_moe": (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
-                      n_shared_experts=1), "sigmoid+bias", 1),
-    "minimax_m2": (dict(num_local_experts=8, num_experts_per_tok=2), "sigmoid+bias", 2),
-    "mixtral": (dict(num_local_experts=8, num_experts_per_tok=2), "softmax", 2),
-    "olmoe": (dict(num_experts=8, num_experts_per_tok=2), "softmax", 2),
-}
-
-
-def family_model(model_type: str, *, dtype=torch.float32, impl="grouped_mm", seed=0, **fields):
-    config_fields, _, _ = FAMILIES.get(model_type, ({}, "", 0))
-    config = AutoConfig.for_model(model_type, **{**COMMON, **config_fields, **fields})
-    if impl is not None:  # models without transformers' experts interface refuse the setting
-        config._experts_implementation = impl
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    with torch.no_grad():  # random routing biases (zeros at init), so routing varies across layers
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0, 0.1)
-    return model
 
 
 def _compile_and_compare(model, *, dynamic=False, atol=2e-5, rtol=1e-4, ids=None, fullgraph=True):
@@ -114,62 +75,62 @@ class TestRewrittenFamilyLayer(TestCase):
         """One fused layer of a family whose router stays graph code: the op takes its ids and weights."""
         be = _compile_and_compare(family_model("qwen3_moe"))
         self.assertExpectedInline(be.graphs[0].layer_code("model.layers.1.mlp"), """\
-hidden_states_reshaped_1 = .view(hidden_states_24, -1, 64)
-hidden_states_25 = .reshape(hidden_states_reshaped_1, -1, 64)
-router_logits_1 = linear(hidden_states_25, ...s_mlp_modules_gate_parameters_weight_)
-router_probs_1 = softmax(router_logits_1, dtype=torch.float32, dim=-1)
-topk_1 = topk(router_probs_1, 2, dim=-1)
-router_top_value_3 = getitem(topk_1, 0)
-router_indices_1 = getitem(topk_1, 1)
-sum_3 = .sum(router_top_value_3, dim=-1, keepdim=True)
-router_top_value_4 = itruediv(router_top_value_3, sum_3)
-router_top_value_5 = .to(router_top_value_4, torch.float32)
-to_31 = .to(router_indices_1, torch.int32)
-to_32 = .to(router_top_value_5, torch.float32)
-fused_moe_default_1 = megamoe.fused_moe.default(hidden_states_reshaped_1, to_31, to_32, ...ules_experts_parameters_gate_up_proj_, None, ...modules_experts_parameters_down_proj_, None, kernel='reference', recipe='none', routed_scaling_factor=1.0, swiglu_limit=None, group_name='', shared_batch=False)
-hidden_states_26 = .reshape(fused_moe_default_1, 2, 5, 64)""")
+hidden_states_reshaped = .view(hidden_states, -1, 64)
+hidden_states_1 = .reshape(hidden_states_reshaped, -1, 64)
+router_logits = linear(hidden_states_1, ...s_mlp_modules_gate_parameters_weight_)
+router_probs = softmax(router_logits, dtype=torch.float32, dim=-1)
+topk = topk(router_probs, 2, dim=-1)
+router_top_value = getitem(topk, 0)
+router_indices = getitem(topk, 1)
+sum = .sum(router_top_value, dim=-1, keepdim=True)
+router_top_value_1 = itruediv(router_top_value, sum)
+router_top_value_2 = .to(router_top_value_1, torch.float32)
+to = .to(router_indices, torch.int32)
+to_1 = .to(router_top_value_2, torch.float32)
+fused_moe_default = megamoe.fused_moe.default(hidden_states_reshaped, to, to_1, ...ules_experts_parameters_gate_up_proj_, None, ...modules_experts_parameters_down_proj_, None, kernel='reference', recipe='none', routed_scaling_factor=1.0, swiglu_limit=None, group_name='', shared_batch=False)
+hidden_states_2 = .reshape(fused_moe_default, 2, 5, 64)""")
 
     def test_deepseek_v3_sigmoid_grouped_router_stays_graph_code(self):
         be = _compile_and_compare(family_model("deepseek_v3"))
         self.assertExpectedInline(be.graphs[0].layer_code("model.layers.1.mlp"), """\
-hidden_states_23 = .view(hidden_states_22, -1, 64)
-type_1 = .type(hidden_states_23, torch.float32)
-type_2 = .type(...s_mlp_modules_gate_parameters_weight_, torch.float32)
-router_logits = linear(type_1, type_2)
+hidden_states_1 = .view(hidden_states, -1, 64)
+type = .type(hidden_states_1, torch.float32)
+type_1 = .type(...s_mlp_modules_gate_parameters_weight_, torch.float32)
+router_logits = linear(type, type_1)
 scores = .sigmoid(router_logits)
 scores_for_choice = add(scores, ...gate_buffers_e_score_correction_bias_)
-view_9 = .view(scores_for_choice, -1, 2, 4)
-topk = .topk(view_9, 2, dim=-1)
-getitem_29 = getitem(topk, 0)
-group_scores = .sum(getitem_29, dim=-1)
+view = .view(scores_for_choice, -1, 2, 4)
+topk = .topk(view, 2, dim=-1)
+getitem = getitem(topk, 0)
+group_scores = .sum(getitem, dim=-1)
 topk_1 = topk(group_scores, k=1, dim=-1, sorted=False)
 group_idx = getitem(topk_1, 1)
 group_mask = zeros_like(group_scores)
 scatter_ = .scatter_(group_mask, 1, group_idx, 1)
-unsqueeze_5 = .unsqueeze(group_mask, -1)
-expand_2 = .expand(unsqueeze_5, -1, 2, 4)
-score_mask = .reshape(expand_2, -1, 8)
-bool_1 = .bool(score_mask)
-invert = invert(bool_1)
+unsqueeze = .unsqueeze(group_mask, -1)
+expand = .expand(unsqueeze, -1, 2, 4)
+score_mask = .reshape(expand, -1, 8)
+bool = .bool(score_mask)
+invert = invert(bool)
 scores_for_choice_1 = .masked_fill(scores_for_choice, invert, -inf)
 topk_2 = topk(scores_for_choice_1, k=2, dim=-1, sorted=False)
 topk_indices = getitem(topk_2, 1)
 topk_weights = .gather(scores, 1, topk_indices)
-sum_2 = .sum(topk_weights, dim=-1, keepdim=True)
-denominator = add(sum_2, 1e-20)
+sum = .sum(topk_weights, dim=-1, keepdim=True)
+denominator = add(sum, 1e-20)
 topk_weights_1 = itruediv(topk_weights, denominator)
 topk_weights_2 = mul(topk_weights_1, 2.5)
-hidden_states_24 = .view(hidden_states_22, -1, 64)
-to_24 = .to(topk_indices, torch.int32)
-to_25 = .to(topk_weights_2, torch.float32)
-fused_moe_default = megamoe.fused_moe.default(hidden_states_24, to_24, to_25, ...ules_experts_parameters_gate_up_proj_, None, ...modules_experts_parameters_down_proj_, None, kernel='reference', recipe='none', routed_scaling_factor=1.0, swiglu_limit=None, group_name='', shared_batch=False)
-hidden_states_25 = .view(fused_moe_default, 2, 5, 64)
-linear_14 = linear(hidden_states_22, ..._modules_gate_proj_parameters_weight_, None)
-silu_2 = silu(linear_14)
-linear_15 = linear(hidden_states_22, ...ts_modules_up_proj_parameters_weight_, None)
-mul_39 = mul(silu_2, linear_15)
-down_proj_1 = linear(mul_39, ..._modules_down_proj_parameters_weight_, None)
-hidden_states_26 = add(hidden_states_25, down_proj_1)""")
+hidden_states_2 = .view(hidden_states, -1, 64)
+to = .to(topk_indices, torch.int32)
+to_1 = .to(topk_weights_2, torch.float32)
+fused_moe_default = megamoe.fused_moe.default(hidden_states_2, to, to_1, ...ules_experts_parameters_gate_up_proj_, None, ...modules_experts_parameters_down_proj_, None, kernel='reference', recipe='none', routed_scaling_factor=1.0, swiglu_limit=None, group_name='', shared_batch=False)
+hidden_states_3 = .view(fused_moe_default, 2, 5, 64)
+linear = linear(hidden_states, ..._modules_gate_proj_parameters_weight_, None)
+silu = silu(linear)
+linear_1 = linear(hidden_states, ...ts_modules_up_proj_parameters_weight_, None)
+mul = mul(silu, linear_1)
+down_proj = linear(mul, ..._modules_down_proj_parameters_weight_, None)
+hidden_states_4 = add(hidden_states_3, down_proj)""")
 
 
 UNFIT = {
@@ -185,6 +146,12 @@ UNFIT = {
 def test_families_that_do_not_fit_are_left_unfused_with_the_reason(model_type):
     fields, reason = UNFIT[model_type]
     model = family_model(model_type, impl=None, **fields)
+    if model_type == "longcat_flash" and not hasattr(model.model.layers[0].mlp.experts, "zero_expert_num"):
+        # transformers 5.25 routes the identity experts in the block (weight 0 for the experts module,
+        # the identity added outside it): what remains is plain SwiGLU experts, which are fused, exactly.
+        be = _compile_and_compare(model, fullgraph=False)
+        assert be.fusions and all(f.fused for f in be.fusions), [f.reason for f in be.fusions]
+        return
     be = _compile_and_compare(model, fullgraph=False)  # some loop over experts in Python: graph breaks
     plans = mc.layer_plans(model)
     assert plans and all(not p.fuse and reason in p.reason for p in plans), [p.reason for p in plans]
@@ -202,6 +169,70 @@ def test_a_replaced_gate_function_is_left_unfused():
     assert fusions["model.layers.1.mlp"].fused
 
 
+def test_an_act_fn_that_is_the_silu_function_is_fused():  # LFM2-MoE holds F.silu, not a module
+    model = family_model("qwen3_moe")
+    for layer in model.model.layers:
+        del layer.mlp.experts.act_fn  # a child module: replaced by a plain attribute
+        layer.mlp.experts.act_fn = torch.nn.functional.silu
+    be = _compile_and_compare(model)
+    assert be.fusions and all(f.fused for f in be.fusions)
+
+
+class _ClampedSwiGLU(torch.nn.Module):
+    """A family's experts class with its own clamped-SwiGLU `_apply_gate` (as HY-V4 and GLM-5-Next
+    define it): the pass fuses it when its traced ops are exactly that, and says why not otherwise."""
+
+    swiglu_limit = 0.05  # small enough that the tiny model's activations do reach it
+
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(min=None, max=self.swiglu_limit)
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return torch.nn.functional.silu(gate) * up
+
+
+class _AlphaGate(_ClampedSwiGLU):
+    swiglu_alpha = 1.702
+
+
+class _OtherGate(_ClampedSwiGLU):
+    def _apply_gate(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate.clamp(max=self.swiglu_limit)) * (up + 1)
+
+
+def _with_experts_class(model, mixin):
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        experts.__class__ = type(f"Own{type(experts).__name__}", (mixin, type(experts)), {})
+    return model
+
+
+@pytest.mark.parametrize("mixin, fused, reason", [
+    (_ClampedSwiGLU, True, ""),
+    (_AlphaGate, False, "sigmoid(swiglu_alpha * gate)"),
+    (_OtherGate, False, "differs from the known pattern"),
+])
+def test_a_family_with_its_own_clamped_swiglu(mixin, fused, reason):
+    model = _with_experts_class(family_model("qwen3_moe"), mixin)
+    be = _compile_and_compare(model)
+    assert [f.fused for f in be.fusions] == [fused, fused], [f.reason for f in be.fusions]
+    assert all(reason in f.reason for f in be.fusions), [f.reason for f in be.fusions]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda e: delattr(e, "act_fn"), "have no act_fn"),
+    (lambda e: setattr(e, "gate_up_proj", None), "hold no stacked gate_up_proj"),
+])
+def test_experts_of_another_structure_are_left_unfused_with_the_reason(change, reason):
+    model = family_model("qwen3_moe")
+    for layer in model.model.layers:
+        change(layer.mlp.experts)
+    mc.prepare(model, mc.MegaMoEConfig(kernel="reference"))  # never raises on a structure
+    plans = mc.layer_plans(model)
+    assert plans and all(not p.fuse and reason in p.reason for p in plans), [p.reason for p in plans]
+
+
 def test_report_names_family_router_and_activation():
     model = family_model("minimax_m2")
     report = mc.explain(model, input_ids())
@@ -216,16 +247,15 @@ def fp8_family_checkpoint(path, model_type: str):
     import json
     import re
 
+    from fp8_checkpoints import fp8_blocks
     from safetensors.torch import load_file, save_file
-
-    from test_quantized_checkpoints import _fp8_blocks
 
     dense = family_model(model_type, hidden_size=256, moe_intermediate_size=128, head_dim=64)
     dense.save_pretrained(path)
     tensors = {}
     for key, value in load_file(path / "model.safetensors").items():
         if key.endswith(".weight") and value.dim() == 2 and not re.search(r"(embed|head|gate\.weight|norm)", key):
-            tensors[key], tensors[key[: -len("weight")] + "weight_scale_inv"] = _fp8_blocks(value, False)
+            tensors[key], tensors[key[: -len("weight")] + "weight_scale_inv"] = fp8_blocks(value, False)
         else:
             tensors[key] = value
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
@@ -238,14 +268,13 @@ def fp8_family_checkpoint(path, model_type: str):
 
 def test_fp8_checkpoint_of_a_family_is_fused_as_it_is(tmp_path, monkeypatch):
     """transformers' fine-grained FP8 experts (FP8Experts, no clamp): prepare keeps their FP8 values."""
+    from fp8_checkpoints import STANDIN_OPS, standin_kernel
     from transformers.integrations import finegrained_fp8 as tf8
     from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
-    from test_quantized_checkpoints import _STANDIN_OPS, _kernel
-
     dense = fp8_family_checkpoint(tmp_path, "qwen3_moe")
     monkeypatch.setattr(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None)  # as on a GPU
-    monkeypatch.setattr(tf8, "_FINEGRAINED_FP8", _kernel(_STANDIN_OPS))  # a CPU stand-in for the hub kernel
+    monkeypatch.setattr(tf8, "_FINEGRAINED_FP8", standin_kernel(STANDIN_OPS))  # a CPU stand-in for the hub kernel
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     experts = model.model.layers[0].mlp.experts
     assert type(experts) is tf8.FP8Experts and experts.gate_up_proj.dtype == torch.float8_e4m3fn

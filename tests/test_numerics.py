@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import eager_backend, input_ids, tiny_model
 
 import megamoe_compile as mc
-from conftest import eager_backend, input_ids, tiny_model
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 

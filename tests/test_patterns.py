@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 
-
 import pytest
 import torch
 import torch.fx as fx
+from helpers import input_ids, tiny_model
 
 import megamoe_compile as mc
-from conftest import input_ids, tiny_model
 from megamoe_compile.passes import fuse_moe, patterns
 from megamoe_compile.passes.fx_utils import region
 from megamoe_compile.passes.matcher import PatternMismatch, match

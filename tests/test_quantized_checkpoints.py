@@ -12,9 +12,9 @@ Checkpoint scales named `*.scale` (as the released V4 checkpoints ship them) are
 On a machine without a GPU, `validate_environment` refuses FP8 (it needs accelerate, then sets
 `dequantize=True` and loads plain bf16 `DeepseekV4Experts`). The tests patch it to load the module
 structure a GPU gets. That structure cannot run on CPU: FP8Linear and FP8Experts call the
-`finegrained-fp8` Triton kernel from the hub (or DeepGEMM). A CPU stand-in for that kernel, below,
-registers ops with the same names and arguments as the published kernel, so the loaded model runs
-eagerly and traces as it would on a GPU.
+`finegrained-fp8` Triton kernel from the hub (or DeepGEMM). A CPU stand-in for that kernel (in
+tests/fp8_checkpoints.py) registers ops with the same names and arguments as the published kernel,
+so the loaded model runs eagerly and traces as it would on a GPU.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import re
 
 import pytest
 import torch
+from fp8_checkpoints import OTHER_OPS, STANDIN_OPS, fp8_blocks, standin_kernel
+from helpers import eager_backend, input_ids, tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV4ForCausalLM
 from transformers.integrations import finegrained_fp8 as tf8
 from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
 import megamoe_compile as mc
-from conftest import eager_backend, input_ids, tiny_model
 from megamoe_compile import hf, layer_state
 from megamoe_compile.ops import layouts, quant
 
@@ -40,111 +41,12 @@ E8M0 = torch.float8_e8m0fnu
 SIZES = dict(hidden=256, intermediate=128, experts=8, top_k=2)  # multiples of 128: FP8 blocks
 
 
-# -- a CPU stand-in for the hub kernel `kernels-community/finegrained-fp8` -----------------------
-# Semantics from the kernel's published source: the grouped ops take raw activations sorted by
-# expert and quantize them inside - FP8 block path: per row and 128-wide K block, scale amax/448;
-# MXFP4 path: per 1x32, scale amax/448 rounded up to a power of two - multiply with the
-# dequantized weights, accumulate in float32 and return A's dtype. Weights are dequantized here
-# with transformers' own `Fp8Dequantize` (not this library's quant code).
-
-_NS = "_finegrained_fp8_cpu_standin"
-
-
-def _dequantize(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return tf8.Fp8Dequantize(None)._dequantize_one(w, s, output_dtype=torch.float32)
-
-
-def _fake_quantize_activations(a: torch.Tensor, group: int, pow2: bool) -> torch.Tensor:
-    a = a.float()
-    if a.shape[-1] % group:
-        return a
-    g = a.reshape(*a.shape[:-1], a.shape[-1] // group, group)
-    s = g.abs().amax(-1, keepdim=True) / 448.0
-    if pow2:
-        s = torch.exp2(torch.ceil(torch.log2(s.clamp(min=2.0 ** -126))))
-    q = (g / s.clamp(min=1e-12)).clamp(-448, 448).to(torch.float8_e4m3fn).float()
-    return (q * s).reshape(a.shape)
-
-
-def _grouped(A, B, Bs, offsets, group, pow2, out_dtype):
-    C = torch.zeros(A.shape[0], B.shape[1], dtype=torch.float32)
-    start = 0
-    for e, end in enumerate(offsets.tolist()):
-        if end > start:
-            C[start:end] = _fake_quantize_activations(A[start:end], group, pow2) @ _dequantize(B[e], Bs[e]).T
-        start = end
-    return C.to(out_dtype or A.dtype)
-
-
-def _define_grouped_ops(ns: str):
-    @torch.library.custom_op(f"{ns}::w8a8_block_dynamic_fp8_matmul_grouped", mutates_args=())
-    def fp8_block(A: torch.Tensor, B: torch.Tensor, Bs: torch.Tensor, offsets: torch.Tensor,
-                  tokens_per_expert: torch.Tensor, block_size: list[int],
-                  output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return _grouped(A, B, Bs, offsets, block_size[1], False, output_dtype)
-
-    @fp8_block.register_fake
-    def _(A, B, Bs, offsets, tokens_per_expert, block_size, output_dtype=None):
-        return A.new_empty(A.shape[0], B.shape[1], dtype=output_dtype or A.dtype)
-
-    @torch.library.custom_op(f"{ns}::w4a8_mx_dynamic_fp4_matmul_grouped", mutates_args=())
-    def fp4_mx(A: torch.Tensor, B: torch.Tensor, Bs: torch.Tensor, offsets: torch.Tensor,
-               tokens_per_expert: torch.Tensor, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return _grouped(A, B, Bs, offsets, 32, True, output_dtype)
-
-    @fp4_mx.register_fake
-    def _(A, B, Bs, offsets, tokens_per_expert, output_dtype=None):
-        return A.new_empty(A.shape[0], B.shape[1], dtype=output_dtype or A.dtype)
-
-    return getattr(torch.ops, ns)
-
-
-@torch.library.custom_op(f"{_NS}::matmul_2d", mutates_args=())
-def _matmul_2d(A: torch.Tensor, B: torch.Tensor, Bs: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
-    group, pow2 = (32, True) if B.dtype == torch.int8 else (128, False)
-    x = _fake_quantize_activations(A.reshape(-1, A.shape[-1]), group, pow2)
-    return (x @ _dequantize(B, Bs).T).to(output_dtype).reshape(*A.shape[:-1], B.shape[0])
-
-
-@_matmul_2d.register_fake
-def _(A, B, Bs, output_dtype):
-    return A.new_empty(*A.shape[:-1], B.shape[0], dtype=output_dtype)
-
-
-_STANDIN_OPS = _define_grouped_ops(_NS)
-_OTHER_OPS = _define_grouped_ops("some_other_kernels")  # same names, another library
-
-
-def _kernel(grouped_ops) -> tf8.FineGrainedFP8:
-    def matmul(input, weight, weight_scale_inv, block_size, output_dtype, activation_scale=None):
-        return torch.ops._finegrained_fp8_cpu_standin.matmul_2d(input, weight, weight_scale_inv, output_dtype)
-
-    def matmul_grouped(A, B, Bs, offsets, tokens_per_expert, block_size):
-        if B.dtype == torch.int8:
-            return grouped_ops.w4a8_mx_dynamic_fp4_matmul_grouped(A, B, Bs, offsets, tokens_per_expert, A.dtype)
-        return grouped_ops.w8a8_block_dynamic_fp8_matmul_grouped(A, B, Bs, offsets, tokens_per_expert, block_size)
-
-    def batched(*args, **kwargs):
-        raise NotImplementedError("the CPU stand-in has no batched matmul")
-
-    return tf8.FineGrainedFP8(matmul=matmul, batched_matmul=batched, grouped_matmul=matmul_grouped)
-
-
 @pytest.fixture
 def finegrained_kernel(monkeypatch):
-    monkeypatch.setattr(tf8, "_FINEGRAINED_FP8", _kernel(_STANDIN_OPS))
+    monkeypatch.setattr(tf8, "_FINEGRAINED_FP8", standin_kernel(STANDIN_OPS))
 
 
 # -- quantized checkpoints ----------------------------------------------------------------------
-
-def _fp8_blocks(v: torch.Tensor, pow2: bool):
-    """FP8 128x128 blocks of a 2-D weight (edge blocks padded with zeros, as checkpoints do)."""
-    n, k = v.shape
-    padded = torch.zeros(-(-n // 128) * 128, -(-k // 128) * 128)
-    padded[:n, :k] = v.float()
-    q, s = quant.quantize_fp8_blocks(padded, power_of_two_scale=pow2, experts_per_chunk=None)
-    return q[:n, :k].contiguous(), s
-
 
 def _as_e8m0(s: torch.Tensor) -> torch.Tensor:
     return (torch.log2(s).round() + 127).to(torch.uint8).view(E8M0)
@@ -165,7 +67,7 @@ def quantized_checkpoint(path, model, *, expert_dtype: str = "fp4", scale_fmt: s
             q, s = quant.quantize_mxfp4(v.float())
             tensors[key], tensors[stem + "scale"] = q, s.view(E8M0)
         elif key.endswith(".weight") and v.dim() == 2 and not re.search(r"(embed|head|gate\.weight|norm)", key):
-            q, s = _fp8_blocks(v, ue8m0)
+            q, s = fp8_blocks(v, ue8m0)
             tensors[key], tensors[stem + "scale"] = q, (_as_e8m0(s) if ue8m0 else s)
         else:
             tensors[key] = v
@@ -210,25 +112,25 @@ FORMATS = [("fp4", "ue8m0"), ("fp8", "ue8m0"), ("fp8", "float")]
 def test_transformers_loads_fp8_experts_and_describe_reads_them(tmp_path, expert_dtype, scale_fmt):
     quantized_checkpoint(tmp_path, _model(), expert_dtype=expert_dtype, scale_fmt=scale_fmt)
     model = load_quantized(tmp_path)
-    H, I, E = SIZES["hidden"], SIZES["intermediate"], SIZES["experts"]
+    H, I_, E = SIZES["hidden"], SIZES["intermediate"], SIZES["experts"]
     for name, block in hf.find_moe_blocks(model):
         experts = block.experts
         assert type(experts) is tf8.FP8Experts and hf.is_fp8_experts(experts)
         assert type(block.shared_experts.down_proj) is tf8.FP8Linear
         if expert_dtype == "fp4":
-            assert experts.gate_up_proj.dtype == torch.int8 and experts.gate_up_proj.shape == (E, 2 * I, H // 2)
-            assert experts.down_proj.shape == (E, H, I // 2)
+            assert experts.gate_up_proj.dtype == torch.int8 and experts.gate_up_proj.shape == (E, 2 * I_, H // 2)
+            assert experts.down_proj.shape == (E, H, I_ // 2)
             assert experts.gate_up_proj_scale_inv.dtype == E8M0
-            assert experts.gate_up_proj_scale_inv.shape == (E, 2 * I, H // 32)
+            assert experts.gate_up_proj_scale_inv.shape == (E, 2 * I_, H // 32)
         else:
-            assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and experts.gate_up_proj.shape == (E, 2 * I, H)
+            assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and experts.gate_up_proj.shape == (E, 2 * I_, H)
             assert experts.gate_up_proj_scale_inv.dtype == (E8M0 if scale_fmt == "ue8m0" else torch.float32)
-            assert experts.down_proj_scale_inv.shape == (E, H // 128, I // 128)
+            assert experts.down_proj_scale_inv.shape == (E, H // 128, I_ // 128)
         spec, why = hf.describe(name, block)
         assert spec is not None, why
         assert spec.experts_class == "FP8Experts" and spec.traced_implementation == "fp8_grouped_mm"
         assert spec.weight_format == ("mxfp4" if expert_dtype == "fp4" else "fp8")
-        assert (spec.hidden, spec.intermediate, spec.num_experts) == (H, I, E)
+        assert (spec.hidden, spec.intermediate, spec.num_experts) == (H, I_, E)
         assert spec.dtype == torch.bfloat16 and spec.swiglu_limit == experts.limit
         assert prep.default_recipe("reference", spec) == ("fp8_fp4" if expert_dtype == "fp4" else "fp8")
 
@@ -375,6 +277,8 @@ def test_eager_fp8_experts_are_traced_through_grouped_mm(tmp_path, finegrained_k
     (lambda e: setattr(e, "activation_scheme", "static"), "activation_scheme"),
     (lambda e: setattr(e, "swiglu_alpha", 1.702), "swiglu_alpha"),
     (lambda e: setattr(e, "gate_softcap", 30.0), "gate_softcap"),
+    # transformers 5.25: the clamp after the activation (silu(gate).clamp(max=limit)), not before it.
+    (lambda e: setattr(e, "limit_after_act", True), "limit_after_act"),
     (lambda e: setattr(e, "block_size", [64, 64]), "weight_block_size"),
     (lambda e: setattr(e, "_apply_gate", lambda x: x), "gating function"),
     (lambda e: setattr(e.config, "_experts_implementation", "batched_mm"), "batched_mm"),
@@ -404,7 +308,7 @@ def test_float32_fp4_scales_are_refused(tmp_path):
 
 def test_a_grouped_matmul_from_another_library_is_not_fused(tmp_path, monkeypatch):
     """Same op name, other namespace: not the finegrained-fp8 kernel, so not rewritten."""
-    monkeypatch.setattr(tf8, "_FINEGRAINED_FP8", _kernel(_OTHER_OPS))
+    monkeypatch.setattr(tf8, "_FINEGRAINED_FP8", standin_kernel(OTHER_OPS))
     quantized_checkpoint(tmp_path, _model(torch.float32))
     model = load_quantized(tmp_path, torch.float32)
     be, got, expected = _compile_and_compare(model, input_ids())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import eager_backend, input_ids, tiny_model
 
 import megamoe_compile as mc
-from conftest import eager_backend, input_ids, tiny_model
 
 
 def _run(model, be, ids=None):

@@ -1,9 +1,9 @@
 """CUDA-graph-ready decode for DeepSeek-V4: `DeepseekV4StaticCache` + `enable_static_decode`.
 
 The oracle is transformers itself: the same weights, generate() in eager mode with its dynamic V4
-cache. Windows are tiny (sliding 6, CSA every 4 tokens, HCA every 8, index top-3) so that a few
-decode steps close several CSA and HCA windows, make the indexer drop entries and wrap the ring.
-The indexer has 16 heads so that its scores do not tie exactly at the top-k boundary (see
+cache. The model (helpers.decode_model) has tiny windows (sliding 6, CSA every 4 tokens, HCA every
+8, index top-3) so that a few decode steps close several CSA and HCA windows, make the indexer drop
+entries and wrap the ring. The indexer has 16 heads so that its scores do not tie exactly at the top-k boundary (see
 `v4_static_decode`: among exact ties, top-k over the pool may pick another entry than transformers).
 """
 
@@ -14,77 +14,24 @@ import pickle
 
 import pytest
 import torch
-from transformers import (CompileConfig, DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache, LlamaConfig,
-                          LlamaForCausalLM)
+from helpers import (
+    CSA_RATE,
+    HCA_RATE,
+    LAYER_TYPES,
+    TOL,
+    WINDOW,
+    assert_same_generation,
+    compile_config,
+    decode_model,
+    forward,
+    generate,
+    prompts,
+)
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import megamoe_compile as mc
-from megamoe_compile.v4_static_cache import DeepseekV4StaticCache
-from megamoe_compile.v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
-
-VOCAB = 128
-CSA_RATE, HCA_RATE, WINDOW = 4, 8, 6
-LAYER_TYPES = ["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention",
-               "compressed_sparse_attention"]
-TOL = dict(atol=2e-5, rtol=1e-5)  # float32 rounding: the pool is summed in another order than a cat
-
-
-def v4_model(seed: int = 0) -> DeepseekV4ForCausalLM:
-    config = DeepseekV4Config(
-        vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
-        head_dim=32, q_lora_rank=32, o_groups=1, o_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2,
-        num_nextn_predict_layers=0, index_n_heads=16, index_head_dim=8, index_topk=3, sliding_window=WINDOW,
-        hc_mult=2, hc_sinkhorn_iters=2, mlp_layer_types=["hash_moe", "moe", "hash_moe", "moe"],
-        layer_types=LAYER_TYPES,
-        compress_rates={"compressed_sparse_attention": CSA_RATE, "heavily_compressed_attention": HCA_RATE},
-    )
-    config._experts_implementation = "grouped_mm"
-    torch.manual_seed(seed)
-    model = DeepseekV4ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "position_bias" in name or "sinks" in name:  # zero-initialised: make them count
-                param.normal_(0, 0.5)
-        for layer in model.model.layers:
-            gate = layer.mlp.gate
-            if hasattr(gate, "tid2eid"):
-                gate.tid2eid.copy_(torch.stack([torch.randperm(gate.num_experts)[: gate.top_k] for _ in range(VOCAB)]))
-            if hasattr(gate, "e_score_correction_bias"):
-                gate.e_score_correction_bias.normal_(0, 0.1)
-    return model
-
-
-def prompts(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed + 100 * length))
-
-
-def compile_config(backend="eager", **options) -> CompileConfig:
-    config = CompileConfig(backend=backend, fullgraph=True, mode=None, options=options or None)
-    config._compile_all_devices = True  # generate() auto-compiles on CUDA only, unless told
-    return config
-
-
-def generate(model, ids, new_tokens, cache=None, attention_mask=None, **kwargs):
-    options = dict(attention_mask=torch.ones_like(ids) if attention_mask is None else attention_mask,
-                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                   output_logits=True, return_dict_in_generate=True)
-    if cache is not None:
-        options[cache_keyword()] = cache  # 5.23: past_key_values (the enabled models take either)
-    options.update(kwargs)
-    with torch.no_grad():
-        return model.generate(ids, **options)
-
-
-def forward(model, ids, cache):
-    """One plain forward over `cache` (transformers 5.24 names the argument `cache`, 5.23 `past_key_values`)."""
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=True, **{cache_keyword(): cache})
-
-
-def assert_same_generation(got, expected):
-    assert torch.equal(got.sequences, expected.sequences), (got.sequences, expected.sequences)
-    assert len(got.logits) == len(expected.logits)
-    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m, step=step: f"step {step}: {m}")
+from megamoe_compile.decode.v4_static_cache import DeepseekV4StaticCache
+from megamoe_compile.decode.v4_static_decode import cache_keyword, disable_static_decode, enable_static_decode
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,7 +46,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def models():
     """(transformers' model untouched, the same weights with static decode enabled)."""
-    reference = v4_model()
+    reference = decode_model()
     static = enable_static_decode(copy.deepcopy(reference))
     static.generation_config.compile_config = compile_config()
     return reference, static
@@ -233,7 +180,7 @@ def test_one_compile_over_200_steps_and_cache_reuse(models):
 
 
 def test_megamoe_backend_fuses_the_decode_step():
-    reference = v4_model(seed=3)
+    reference = decode_model(seed=3)
     static = enable_static_decode(copy.deepcopy(reference))
     mc.prepare(static, mc.MegaMoEConfig())
     ids = prompts(3, 5)
@@ -262,7 +209,7 @@ def test_cache_layout_and_flags(models):
 
 
 def test_disable_restores_transformers():
-    model = v4_model()
+    model = decode_model()
     original_flag = model._can_compile_fullgraph
     enable_static_decode(model)
     enable_static_decode(model)  # idempotent

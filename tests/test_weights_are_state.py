@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import input_ids, tiny_model
 
 import megamoe_compile as mc
-from conftest import input_ids, tiny_model
 
 FP8_MODEL = dict(layers=2, hidden=128, intermediate=128)  # recipes fp8/fp8_fp4 need blocks of 128/32
 INNER = ["eager", "aot_eager", "inductor"]
@@ -453,7 +453,7 @@ def test_a_rebuild_writes_into_the_same_memory():
     before = {k: (b, b.data_ptr(), b.clone()) for k, b in experts.named_buffers() if k.startswith("megamoe_")}
     model.load_state_dict(tiny_model(seed=7, **FP8_MODEL).state_dict())
     after = dict(experts.named_buffers())
-    for key, (tensor, ptr, old_values) in before.items():
+    for key, (tensor, ptr, _old_values) in before.items():
         assert after[key] is tensor and after[key].data_ptr() == ptr
     assert not torch.equal(after["megamoe_w1"], before["megamoe_w1"][2])
 

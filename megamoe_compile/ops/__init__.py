@@ -6,8 +6,10 @@ imported here and register their kernels; `deep_gemm` itself is not imported unt
 kernel is asked whether it can run (or used).
 """
 
-from . import reference  # noqa: F401  (registers the "reference" kernel)
-from . import deepgemm  # noqa: F401  (registers "deepgemm_sm90"/"deepgemm_sm100"; imports no deep_gemm)
+from . import (
+    deepgemm,  # noqa: F401  (registers "deepgemm_sm90"/"deepgemm_sm100"; imports no deep_gemm)
+    reference,  # noqa: F401  (registers the "reference" kernel)
+)
 from .fused_moe import fused_moe, kernel_names, register_kernel
 
 __all__ = ["fused_moe", "kernel_names", "register_kernel"]

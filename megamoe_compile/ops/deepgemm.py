@@ -24,16 +24,16 @@ Importing this module never imports deep_gemm and needs no GPU; availability is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import groups, recipes
+from . import groups, quant, recipes
 from .fused_moe import DEFAULT_MAX_TOKENS_PER_RANK, Kernel, LayerShape, get_kernel, pick, register
 from .layouts import KernelWeights
 
@@ -161,7 +161,7 @@ class _Api:
         return params is None or name in params  # None: it takes **kwargs (or hides its signature)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parameters(fn) -> dict[str, inspect.Parameter] | None:
     """Keyword parameters of `fn`; None when it takes **kwargs or has no Python signature."""
     try:
@@ -269,7 +269,8 @@ def recipe_problem(kernel: str, recipe: str) -> str:
     if not (api.accepts("pre_dispatch", "mma_type") or api.accepts("pre_dispatch", "use_fp4_acts")):
         missing.append("mega_moe_pre_dispatch(mma_type=... or use_fp4_acts=...)")
     if missing:
-        return (f"recipe {recipe!r} (w4a4, mma_type {recipes.recipe(recipe).mma_type!r}) needs {' and '.join(missing)}, "
+        return (f"recipe {recipe!r} (w4a4, mma_type {recipes.recipe(recipe).mma_type!r}) needs "
+                f"{' and '.join(missing)}, "
                 f"which {api.version} lacks; use recipe 'fp8_fp4' or an sgl-deep-gemm release with FP4 activations")
     return ""
 
@@ -292,7 +293,8 @@ def layout_weights(kernel: str, weights: KernelWeights, recipe: str | None = Non
     api = _require_api(kernel)
     w1, s1, w2, s2 = weights.w1, weights.w1_scale, weights.w2, weights.w2_scale
     if s1 is None or s2 is None:
-        raise ValueError(f"megamoe: {kernel} needs scaled weights (recipe {get_kernel(kernel).default!r}); got no scales")
+        raise ValueError(f"megamoe: {kernel} needs scaled weights (recipe {get_kernel(kernel).default!r}); got no "
+                         "scales")
     num_experts, two_i = w1.shape[0], w1.shape[1]
     if kernel == SM90:
         _expect_dtype(kernel, "w1", w1, torch.float8_e4m3fn)
@@ -321,14 +323,12 @@ def _kernel_recipe(kernel: str, recipe: str | None) -> str:
 
 def e8m0_to_float32(e: torch.Tensor) -> torch.Tensor:
     """UE8M0 exponent bytes -> float32 2^(e - 127), bit-exact (the form DeepGEMM's packers read)."""
-    if e.dtype not in (torch.uint8, torch.int8):
-        if hasattr(torch, "float8_e8m0fnu") and e.dtype == torch.float8_e8m0fnu:
-            e = e.view(torch.uint8)
-        elif e.dtype == torch.float32:
-            return e.contiguous()
-        else:
-            raise ValueError(f"megamoe: UE8M0 scales must be uint8 exponent bytes, got {e.dtype}")
-    return (e.view(torch.uint8).to(torch.int32) << 23).view(torch.float32).contiguous()
+    if e.dtype == torch.float32:
+        return e.contiguous()
+    found = quant.e8m0_bytes(e)
+    if found is None:
+        raise ValueError(f"megamoe: UE8M0 scales must be uint8 exponent bytes, got {e.dtype}")
+    return (found.to(torch.int32) << 23).view(torch.float32).contiguous()
 
 
 def _expect_dtype(kernel: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
@@ -585,19 +585,47 @@ _NO_FP4_ON_HOPPER = ("; Hopper has no FP4 tensor cores (its kernel expands FP4 w
                      "kernel='reference' emulates this recipe on any device")
 
 
-def _register(kernel: str, run, kernel_recipes: tuple[str, ...], **facts) -> None:
-    register(Kernel(kernel, run, kernel_recipes, default=kernel_recipes[0], family=FAMILY, auto_on=("cuda",),
-                    activation_dtypes=(torch.bfloat16,),
-                    device_problem=functools.partial(_device_problem, kernel),
-                    shape_problem=functools.partial(_shape_problem, kernel),
-                    library_problem=functools.partial(recipe_problem, kernel),
-                    layout=functools.partial(layout_weights, kernel),
-                    reserve=functools.partial(reserve_buffer, kernel), warm_up=functools.partial(warm_up, kernel),
-                    **facts))
+@dataclass(frozen=True, eq=False)
+class DeepGemmKernel(Kernel):
+    """A DeepGEMM mega kernel: its checks, weight layout, buffers and warm-up are this module's
+    functions of the kernel's name (SM90 and SM100 share them)."""
+
+    family: str = FAMILY
+    auto_on: tuple[str, ...] = ("cuda",)
+    activation_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
+
+    def device_problem(self, device: torch.device) -> str:
+        return _device_problem(self.name, device)
+
+    def shape_problem(self, shape: LayerShape) -> str:
+        return _shape_problem(self.name, shape)
+
+    def library_problem(self, recipe: str) -> str:
+        return recipe_problem(self.name, recipe)
+
+    def layout(self, weights: KernelWeights, recipe: str) -> KernelWeights:
+        return layout_weights(self.name, weights, recipe)
+
+    def reserve(self, shape: LayerShape, max_tokens_per_rank: int, group: Any, recipe: str) -> Any:
+        return reserve_buffer(self.name, shape, max_tokens_per_rank, group, recipe)
+
+    def warm_up(self, weights: KernelWeights, shape: LayerShape, recipe: str, swiglu_limit: float | None,
+                group_name: str) -> None:
+        return warm_up(self.name, weights, shape, recipe, swiglu_limit, group_name)
+
+
+class DeepGemmSM90(DeepGemmKernel):
+    def run(self, *args, **kwargs) -> torch.Tensor:
+        return deepgemm_sm90(*args, **kwargs)
+
+
+class DeepGemmSM100(DeepGemmKernel):
+    def run(self, *args, **kwargs) -> torch.Tensor:
+        return deepgemm_sm100(*args, **kwargs)
 
 
 # In order of preference: the family's first kernel that runs on a layer's device takes it.
 # SM90 keeps the plain scale grid; SM100's scales are DeepGEMM's packed layout.
-_register(SM90, deepgemm_sm90, ("fp8",), plain_scales=True,
-          hints={r.name: _NO_FP4_ON_HOPPER for r in recipes.RECIPES.values() if r.values_per_byte == 2})
-_register(SM100, deepgemm_sm100, ("fp8_fp4", "fp4_fp4"), plain_scales=False)
+register(DeepGemmSM90(SM90, ("fp8",), default="fp8", plain_scales=True,
+                      hints={r.name: _NO_FP4_ON_HOPPER for r in recipes.RECIPES.values() if r.values_per_byte == 2}))
+register(DeepGemmSM100(SM100, ("fp8_fp4", "fp4_fp4"), default="fp8_fp4", plain_scales=False))

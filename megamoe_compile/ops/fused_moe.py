@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import groups, provenance, recipes
+from . import groups, provenance, quant, recipes
 from .layouts import KernelWeights
 
 # Tokens per rank and call a kernel's buffers hold unless told otherwise (MegaMoEConfig's default).
@@ -35,39 +35,13 @@ class LayerShape:
     device: torch.device
 
 
-def _runs_anywhere(device: torch.device) -> str:
-    return ""
-
-
-def _takes_any_shape(shape: LayerShape) -> str:
-    return ""
-
-
-def _no_library_limit(recipe: str) -> str:
-    return ""
-
-
-def _plain_layout(weights: KernelWeights, recipe: str) -> KernelWeights:
-    return weights
-
-
-def _no_buffer(shape: LayerShape, max_tokens_per_rank: int, group: Any, recipe: str) -> None:
-    return None
-
-
-def _no_warm_up(weights: KernelWeights, shape: LayerShape, recipe: str, swiglu_limit: float | None,
-                group_name: str) -> None:
-    return None
-
-
 @dataclass(frozen=True, eq=False)
 class Kernel:
-    """One implementation behind ``fused_moe(..., kernel=name)`` and what prepare asks of it."""
+    """One implementation behind ``fused_moe(..., kernel=name)``: its facts (fields) and what prepare
+    and the op ask of it (methods). A kernel library subclasses it and overrides the methods whose
+    default does not hold for it (`ops/reference.py`, `ops/deepgemm.py`)."""
 
     name: str
-    # run(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *, recipe, routed_scaling_factor,
-    #     swiglu_limit, group_name) -> Tensor
-    run: Callable[..., torch.Tensor]
     recipes: tuple[str, ...]
     # The recipe it runs unless told; None: the one that keeps the checkpoint's format (`recipes.keeping`).
     default: str | None = None
@@ -77,21 +51,46 @@ class Kernel:
     auto_on: tuple[str, ...] = ()
     # Whether its weight scales are the recipe's plain grid (else its own layout, unchecked).
     plain_scales: bool = True
-    # Why it cannot run on a device (type, GPU capability), "" when it can; the family picks by it.
-    device_problem: Callable[[torch.device], str] = _runs_anywhere
-    # Why it cannot take a layer beyond its device (activation dtype, size multiples, library).
-    shape_problem: Callable[[LayerShape], str] = _takes_any_shape
     # The activation dtypes it computes on; () = any floating dtype.
     activation_dtypes: tuple[torch.dtype, ...] = ()
     hints: Mapping[str, str] = field(default_factory=dict)  # recipe -> added to "supports recipes"
-    library_problem: Callable[[str], str] = _no_library_limit  # why the installed library cannot run a recipe
-    # layout(weights in the recipe's plain layout, recipe) -> the kernel's own (load time).
-    layout: Callable[[KernelWeights, str], KernelWeights] = _plain_layout
-    # reserve(shape, max_tokens_per_rank, process group or None, recipe): buffers (load time).
-    reserve: Callable[[LayerShape, int, Any, str], Any] = _no_buffer
-    # warm_up(kernel-ready weights, shape, recipe, swiglu_limit, group_name): one call at load time,
-    # so that JIT compilation and first-use allocations happen before any CUDA-graph capture.
-    warm_up: Callable[[KernelWeights, LayerShape, str, float | None, str], None] = _no_warm_up
+
+    # -- what it computes --------------------------------------------------------------------------
+
+    def run(self, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *, recipe: str,
+            routed_scaling_factor: float, swiglu_limit: float | None, group_name: str) -> torch.Tensor:
+        """The routed experts of one layer on checked arguments (see `fused_moe`)."""
+        raise NotImplementedError(f"kernel {self.name} has no run()")
+
+    # -- what it can take (prepare asks, at load time) ------------------------------------------------
+
+    def device_problem(self, device: torch.device) -> str:
+        """Why it cannot run on `device` (type, GPU capability), "" when it can; the family picks by it."""
+        return ""
+
+    def shape_problem(self, shape: LayerShape) -> str:
+        """Why it cannot take a layer beyond its device (size multiples, library limits)."""
+        return ""
+
+    def library_problem(self, recipe: str) -> str:
+        """Why the installed kernel library cannot run `recipe` ("" when it can)."""
+        return ""
+
+    # -- what it needs before the first call (load time) ---------------------------------------------
+
+    def layout(self, weights: KernelWeights, recipe: str) -> KernelWeights:
+        """The weights in the recipe's plain layout -> the kernel's own."""
+        return weights
+
+    def reserve(self, shape: LayerShape, max_tokens_per_rank: int, group: Any, recipe: str) -> Any:
+        """Buffers for layers of this shape (None when it needs none)."""
+        return None
+
+    def warm_up(self, weights: KernelWeights, shape: LayerShape, recipe: str, swiglu_limit: float | None,
+                group_name: str) -> None:
+        """One call at load time, so that JIT compilation and first-use allocations happen before any
+        CUDA-graph capture."""
+        return None
 
     def __post_init__(self):
         object.__setattr__(self, "recipes", tuple(self.recipes))
@@ -129,11 +128,21 @@ def register(kernel: Kernel) -> Kernel:
     return kernel
 
 
+@dataclass(frozen=True, eq=False)
+class FunctionKernel(Kernel):
+    """A kernel that is one function (`register_kernel`): `run` calls it; the rest is the defaults."""
+
+    fn: Callable[..., torch.Tensor] | None = None
+
+    def run(self, *args, **kwargs) -> torch.Tensor:
+        return self.fn(*args, **kwargs)
+
+
 def register_kernel(name: str, recipes: tuple[str, ...], **facts: Any):
     """Decorator: register `fn` as the kernel `name` for `recipes` (other `Kernel` fields by keyword)."""
 
     def wrap(fn):
-        register(Kernel(name, fn, recipes, **facts))
+        register(FunctionKernel(name, recipes, fn=fn, **facts))
         return fn
 
     return wrap
@@ -202,8 +211,8 @@ def fused_moe(
     (MegaMoEConfig.ep_check_calls; -1 when it is off).
     """
     provenance.check_fresh(w1)  # a kernel-ready copy whose source weights changed since prepare is refused
-    w1, w1_scale, w2, w2_scale = check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale,
-                                                 kernel, recipe)
+    w1, w1_scale, w2, w2_scale = checked_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale,
+                                                   kernel, recipe)
     impl = _KERNELS[kernel].run
 
     if groups.checks_calls(group_name):
@@ -247,6 +256,29 @@ def _(w1, w1_scale, w2, w2_scale, kernel, recipe, group_name, shared_batch, gene
     return None
 
 
+# Argument signatures (shapes, dtypes, devices of every tensor, kernel, recipe) that passed
+# `check_arguments`: a real call with one of them skips the checks (at one token the op's host time
+# is most of its cost). The fake implementation checks every call (tracing is not hot).
+_CHECKED: set[tuple] = set()
+
+
+def _signature(t) -> tuple | None:
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def checked_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel: str, recipe: str):
+    """`check_arguments`, once per argument signature; returns the weights in the recipe's dtypes."""
+    key = (kernel, recipe, _signature(x), _signature(topk_idx), _signature(topk_weights), _signature(w1),
+           _signature(w1_scale), _signature(w2), _signature(w2_scale))
+    if key not in _CHECKED:
+        views = check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel, recipe)
+        _CHECKED.add(key)
+        return views
+    r = recipes.recipe(recipe)
+    return (recipes.as_storage(w1, r.weight_dtype), recipes.as_storage(w1_scale, r.scale_dtype),
+            recipes.as_storage(w2, r.weight_dtype), recipes.as_storage(w2_scale, r.scale_dtype))
+
+
 def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel: str, recipe: str):
     """Every argument against the documented shapes and the recipe's storage (the real and the
     fake implementation both call this). Returns the weights viewed in the recipe's dtypes (the
@@ -280,7 +312,8 @@ def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kerne
     if r.weight_dtype is None:
         for name, w in (("w1", w1), ("w2", w2)):
             if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise ValueError(f"megamoe.fused_moe: recipe 'none' takes float32/bfloat16/float16 {name}, got {w.dtype}")
+                raise ValueError(f"megamoe.fused_moe: recipe 'none' takes float32/bfloat16/float16 {name}, got "
+                                 f"{w.dtype}")
         if w1.dtype != w2.dtype or w1.dtype != x.dtype:
             raise ValueError(f"megamoe.fused_moe: recipe 'none' computes in x's dtype: x is {x.dtype}, "
                              f"w1 {w1.dtype}, w2 {w2.dtype}")
@@ -298,8 +331,7 @@ def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kerne
         if k.plain_scales:
             rows, cols = r.scale_block
             grid = (w.shape[0], w.shape[1] // rows, w.shape[2] * per_byte // cols)
-            if r.ue8m0_scales and s.dtype not in (torch.uint8, torch.int8) and \
-                    s.dtype != getattr(torch, "float8_e8m0fnu", None):
+            if r.ue8m0_scales and s.dtype not in quant.UE8M0_DTYPES:
                 raise ValueError(f"megamoe.fused_moe: recipe {recipe!r} takes UE8M0 {name} (uint8), got {s.dtype}")
             if r.scale_dtype == torch.float32 and s.dtype != torch.float32:
                 raise ValueError(f"megamoe.fused_moe: recipe {recipe!r} takes float32 {name}, got {s.dtype}")
@@ -320,7 +352,8 @@ def _check_common(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
         topk_idx.shape[0] == x.shape[0],
         lambda: f"megamoe.fused_moe: {x.shape[0]} tokens in x but {topk_idx.shape[0]} in topk_idx",
     )
-    torch._check(topk_idx.dtype == torch.int32, lambda: f"megamoe.fused_moe: topk_idx must be int32, got {topk_idx.dtype}")
+    torch._check(topk_idx.dtype == torch.int32,
+                 lambda: f"megamoe.fused_moe: topk_idx must be int32, got {topk_idx.dtype}")
     torch._check(
         topk_weights.dtype == torch.float32,
         lambda: f"megamoe.fused_moe: topk_weights must be float32, got {topk_weights.dtype}",

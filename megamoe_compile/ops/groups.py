@@ -80,7 +80,11 @@ def _make_private_group(device_index: int):
     symmetric buffer rendezvous resolves the group by name and reads its store.
     """
     from torch._C._distributed_c10d import (
-        HashStore, PrefixStore, ProcessGroup, ProcessGroupNCCL, _register_process_group,
+        HashStore,
+        PrefixStore,
+        ProcessGroup,
+        ProcessGroupNCCL,
+        _register_process_group,
     )
 
     name = f"megamoe_private_cuda{device_index}_pid{os.getpid()}"

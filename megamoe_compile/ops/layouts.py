@@ -114,12 +114,9 @@ def to_recipe(src: KernelWeights, weight_format: str, recipe: str) -> KernelWeig
 
 def _as_e8m0(scale: torch.Tensor) -> torch.Tensor:
     """UE8M0 exponents as uint8, from either raw exponent bytes or float powers of two."""
-    if scale.dtype == torch.uint8:
-        return scale
-    if scale.dtype == torch.int8:
-        return scale.view(torch.uint8)
-    if hasattr(torch, "float8_e8m0fnu") and scale.dtype == torch.float8_e8m0fnu:
-        return scale.view(torch.uint8)
+    found = quant.e8m0_bytes(scale)
+    if found is not None:
+        return found
     exponent = torch.log2(scale.float()).round()
     e = (exponent + 127).clamp(0, 254).to(torch.uint8)
     # Float scales are accepted only when they are exactly powers of two: rounding any other

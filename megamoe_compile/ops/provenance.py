@@ -83,8 +83,8 @@ class Provenance:
         self.derived = derived
         self.stale_hint = stale_hint
         self._copied_stale = _copied_stale  # stale when copied: the copy's sources are not what it was built from
-        self._sources = tuple((name, WeakLink(t), stamp(t))
-                              for name in sources if (t := getattr(owner, name, None)) is not None) if owner is not None else ()
+        held = [(name, getattr(owner, name, None)) for name in sources] if owner is not None else []
+        self._sources = tuple((name, WeakLink(t), stamp(t)) for name, t in held if t is not None)
         self._named = WeakIdKeyDictionary()  # tensors this provenance answers for (kept for copies), weakly
 
     # -- the tensors it answers for --------------------------------------------------------------

@@ -309,12 +309,20 @@ def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e == E8M0_NAN, torch.full_like(value, float("nan")), value)
 
 
+UE8M0_DTYPES = (torch.uint8, torch.int8, torch.float8_e8m0fnu)  # how UE8M0 exponent bytes are stored
+
+
+def e8m0_bytes(e: torch.Tensor) -> torch.Tensor | None:
+    """UE8M0 exponents stored as uint8, int8 or float8_e8m0fnu, viewed as uint8 (no copy); None for
+    any other dtype. The one place that knows how UE8M0 scales are stored."""
+    return e.view(torch.uint8) if e.dtype in UE8M0_DTYPES else None
+
+
 def _as_e8m0_bytes(fn: str, name: str, e: torch.Tensor) -> torch.Tensor:
-    e8m0 = getattr(torch, "float8_e8m0fnu", None)
-    if e8m0 is not None and e.dtype == e8m0:
-        return e.view(torch.uint8)
-    _check_dtype(fn, name, e, (torch.uint8,))
-    return e
+    found = e8m0_bytes(e) if e.dtype != torch.int8 else None
+    if found is None:
+        _check_dtype(fn, name, e, (torch.uint8, torch.float8_e8m0fnu))
+    return found
 
 
 def _mxfp4_exponent_bytes(amax: torch.Tensor) -> torch.Tensor:

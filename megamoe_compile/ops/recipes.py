@@ -46,7 +46,8 @@ class Recipe:
     def problem(self, weight_format: str, hidden: int, intermediate: int) -> str:
         """Why a layer with this checkpoint format and these sizes cannot use the recipe ("" when it can)."""
         if self.weight_dtype is None and weight_format != self.weight_format:
-            return f"recipe {self.name!r} needs {self.weight_format} expert weights; this checkpoint holds {weight_format}"
+            return (f"recipe {self.name!r} needs {self.weight_format} expert weights; this checkpoint holds "
+                    f"{weight_format}")
         for dim, size in (("hidden", hidden), ("moe_intermediate", intermediate)):
             if size % self.dim_multiple:
                 return f"recipe {self.name!r} needs {dim} size a multiple of {self.dim_multiple}, got {size}"

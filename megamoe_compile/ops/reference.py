@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import groups, quant, recipes
-from .fused_moe import register_kernel
+from .fused_moe import Kernel, register
 
 _DEQUANTIZE = {"fp8": quant.dequantize_fp8_blocks, "mxfp4": quant.dequantize_mxfp4}  # by weight format
 
@@ -37,7 +37,6 @@ def _activations(x: torch.Tensor, recipe: str, gemm: int) -> torch.Tensor:
     return quant.fake_quantize_fp8_groups(x.float(), r.act_group, power_of_two_scale=r.act_pow2)
 
 
-@register_kernel("reference", recipes=tuple(recipes.RECIPES))
 def reference_fused_moe(
     x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
     recipe, routed_scaling_factor, swiglu_limit, group_name,
@@ -111,3 +110,13 @@ def _local_experts(x, topk_idx, weights, w1, w1_scale, w2, w2_scale, recipe, swi
                      expert_weight(w2, w2_scale, recipe, e).to(compute_dtype))
         out.index_add_(0, token, y.float() * weights[token, slot, None])
     return out
+
+
+class ReferenceKernel(Kernel):
+    """Plain torch on any device, every recipe (emulated); no layout, buffers or warm-up."""
+
+    def run(self, *args, **kwargs) -> torch.Tensor:
+        return reference_fused_moe(*args, **kwargs)
+
+
+register(ReferenceKernel("reference", tuple(recipes.RECIPES)))

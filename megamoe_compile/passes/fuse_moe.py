@@ -23,8 +23,25 @@ from .. import layer_state as state
 from ..ops.fused_moe import get_kernel
 from . import patterns
 from .fx_utils import (
-    MARKER_OP, argument, clamp_args, const, dim_arg, has_side_effects, int_list, is_negation, is_scalar, is_shape_arithmetic,
-    is_tensor, module_path, op_name, op_namespace, qualified_name, real_tensor, region, same_scalar, same_size,
+    MARKER_OP,
+    argument,
+    clamp_args,
+    const,
+    dim_arg,
+    has_side_effects,
+    int_list,
+    is_negation,
+    is_scalar,
+    is_shape_arithmetic,
+    is_tensor,
+    module_path,
+    op_name,
+    op_namespace,
+    qualified_name,
+    real_tensor,
+    region,
+    same_scalar,
+    same_size,
 )
 from .matcher import NoMatch, PatternMismatch, match
 
@@ -138,9 +155,9 @@ def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module) -> LayerFusion:
             configured = state.configured_implementation(block.experts)
             if configured != spec.experts_implementation:  # model.set_experts_implementation after prepare
                 result.needs_attention = True
-                raise NoMatch(f"{plan.name}: the model's experts implementation is now {configured!r} (set after prepare, which "
-                              f"planned the layer for {spec.experts_implementation!r}); it runs {configured!r} unfused "
-                              "until mc.prepare(model, config) plans it again")
+                raise NoMatch(f"{plan.name}: the model's experts implementation is now {configured!r} (set after "
+                              f"prepare, which planned the layer for {spec.experts_implementation!r}); it runs "
+                              f"{configured!r} unfused until mc.prepare(model, config) plans it again")
             marker = _marker(gm.graph, experts_key, plan)
             stale = state.stale_reason(block.experts)
             if stale:

@@ -41,8 +41,8 @@ def op_namespace(node: fx.Node) -> str:
 
 def region(graph: fx.Graph, module_key: str) -> list[fx.Node]:
     """The computing nodes traced inside the module call dynamo keyed `module_key` in `nn_module_stack`."""
-    return [n for n in graph.nodes
-            if n.op not in ("placeholder", "get_attr", "output") and module_key in (n.meta.get("nn_module_stack") or {})]
+    return [n for n in graph.nodes if n.op not in ("placeholder", "get_attr", "output")
+            and module_key in (n.meta.get("nn_module_stack") or {})]
 
 
 def module_path(path: str) -> str:

@@ -171,7 +171,8 @@ EXPERTS_ALREADY_FUSED = (
 )
 
 # The router (transformers' DeepseekV4TopKRouter / DeepseekV4HashRouter). Inputs of its region.
-ROUTER_HIDDEN, GATE_WEIGHT, SCORE_BIAS, TID2EID, INPUT_IDS = "$hidden", "$gate_weight", "$bias", "$tid2eid", "$input_ids"
+ROUTER_HIDDEN, GATE_WEIGHT, SCORE_BIAS = "$hidden", "$gate_weight", "$bias"
+TID2EID, INPUT_IDS = "$tid2eid", "$input_ids"
 
 # Router score functions (transformers' ACT2FN modules, traced under `gate.score_fn`).
 SCORES = {

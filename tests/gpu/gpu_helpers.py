@@ -1,7 +1,7 @@
 """GPU test helpers: skip cleanly without CUDA / DeepGEMM; small DeepSeek-V4 models on the GPU.
 
-(Not a conftest.py: the CPU tests import tests/conftest.py as the top-level module `conftest`,
-which a second conftest.py here would shadow.)
+Not a test module and not a conftest.py: the GPU tests import it by name (`from gpu_helpers import ...`,
+tests/gpu being on sys.path as the directory of the test files), as they import tests/helpers.py.
 """
 
 from __future__ import annotations

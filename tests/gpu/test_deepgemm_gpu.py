@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_helpers import cos_diff, deepgemm_kernel_or_skip, ids, op_diff, v4_model
 
 import megamoe_compile as mc
 from megamoe_compile.ops import deepgemm, quant
 from megamoe_compile.ops.fused_moe import get_kernel
 from megamoe_compile.ops.layouts import KernelWeights
-
-from gpu_helpers import cos_diff, deepgemm_kernel_or_skip, ids, op_diff, v4_model
 
 pytestmark = pytest.mark.gpu
 

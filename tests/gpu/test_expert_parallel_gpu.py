@@ -6,14 +6,13 @@ Skipped unless at least 2 GPUs and DeepGEMM are there. Run: python -m pytest -m 
 from __future__ import annotations
 
 import os
-import sys
 import traceback
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from gpu_helpers import cos_diff, deepgemm_skip_reason, ids, v4_model  # noqa: E402
+# tests/gpu is on sys.path (pytest puts a test file's directory there); spawned ranks get the same sys.path.
+from gpu_helpers import cos_diff, deepgemm_skip_reason, ids, v4_model
 
 pytestmark = pytest.mark.multigpu
 

@@ -13,15 +13,14 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_helpers import cos_diff, deepgemm_kernel_or_skip, op_diff
+from helpers import FAMILIES, VOCAB, family_model  # tests/ is on sys.path (tests/conftest.py)
 
 import megamoe_compile as mc
 from megamoe_compile import hf
 from megamoe_compile.ops import deepgemm, quant
 from megamoe_compile.ops.fused_moe import LayerShape, get_kernel
 from megamoe_compile.ops.layouts import KernelWeights
-
-from gpu_helpers import cos_diff, deepgemm_kernel_or_skip, op_diff
-from test_families import FAMILIES, family_model  # tests/ is on sys.path (tests/conftest.py)
 
 pytestmark = pytest.mark.gpu
 
@@ -175,8 +174,6 @@ def small_family_model(model_type: str, device) -> torch.nn.Module:
 
 
 def family_ids(device, batch: int = 4, seq: int = 16, seed: int = 1) -> torch.Tensor:
-    from conftest import VOCAB
-
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g).to(device)
 

@@ -9,12 +9,12 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same_generation, decode_model, generate, prompts
 from transformers import CompileConfig
 
 import megamoe_compile as mc
-from megamoe_compile.v4_static_cache import DeepseekV4StaticCache
-from megamoe_compile.v4_static_decode import enable_static_decode
-from test_v4_static_decode import assert_same_generation, generate, prompts, v4_model
+from megamoe_compile.decode.v4_static_cache import DeepseekV4StaticCache
+from megamoe_compile.decode.v4_static_decode import enable_static_decode
 
 pytestmark = pytest.mark.gpu
 
@@ -31,7 +31,7 @@ def test_cuda_graph_decode_matches_transformers(backend, batch, prompt):
     if backend == "megamoe":
         pytest.skip("this tiny V4 runs the reference kernel, which cannot be captured in a CUDA graph (it reads the "
                     "routed ids on the host); a DeepGEMM-sized static-decode test is still to be written")
-    reference = v4_model().cuda()
+    reference = decode_model().cuda()
     static = enable_static_decode(copy.deepcopy(reference))
     if backend == "megamoe":
         mc.prepare(static, mc.MegaMoEConfig(kernel="reference"))  # tiny sizes: DeepGEMM needs multiples of 128

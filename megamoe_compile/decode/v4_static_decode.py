@@ -39,9 +39,15 @@ import warnings
 
 import torch
 
-from . import hf
-from .v4_static_cache import (HCA, UNSUPPORTED_GENERATE, CompressorState, DeepseekV4StaticCache, DeepseekV4StaticLayer,
-                              cache_geometry)
+from .. import hf
+from .v4_static_cache import (
+    HCA,
+    UNSUPPORTED_GENERATE,
+    CompressorState,
+    DeepseekV4StaticCache,
+    DeepseekV4StaticLayer,
+    cache_geometry,
+)
 
 _ENABLED = "_megamoe_static_decode"
 # transformers' modeling_deepseek_v4, resolved by enable_static_decode: the traced forwards read it
