@@ -570,7 +570,7 @@ def _fp8_experts_problem(experts: torch.nn.Module) -> str:
     if getattr(experts, "limit_after_act", False) and getattr(experts, "limit", None) is not None:
         return (f"FP8 experts clamp after the activation (limit_after_act=True: silu(gate).clamp(max="
                 f"{experts.limit})); the fused kernel clamps gate before silu")
-    for attr in ("swiglu_alpha", "gate_softcap", "up_softcap"):
+    for attr in ("gate_softcap", "up_softcap"):  # swiglu_alpha: refused for every family (_experts_problem)
         if getattr(experts, attr, None) is not None:
             return (f"FP8 experts apply {attr}={getattr(experts, attr)!r}; the fused kernel computes a clamped "
                     "SwiGLU only")

@@ -274,7 +274,11 @@ def checked_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, ker
         views = check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kernel, recipe)
         _CHECKED.add(key)
         return views
-    r = recipes.recipe(recipe)
+    return _storage_views(recipes.recipe(recipe), w1, w1_scale, w2, w2_scale)
+
+
+def _storage_views(r: recipes.Recipe, w1, w1_scale, w2, w2_scale) -> tuple:
+    """The weights and scales viewed in the recipe's dtypes (kernel-ready copies are kept as integer bits)."""
     return (recipes.as_storage(w1, r.weight_dtype), recipes.as_storage(w1_scale, r.scale_dtype),
             recipes.as_storage(w2, r.weight_dtype), recipes.as_storage(w2_scale, r.scale_dtype))
 
@@ -296,8 +300,7 @@ def check_arguments(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, kerne
         if not isinstance(w, torch.Tensor) or w.dim() != 3:
             raise ValueError(f"megamoe.fused_moe: {name} must be a 3-D tensor [experts, N, K], got "
                              f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
-    w1, w2 = recipes.as_storage(w1, r.weight_dtype), recipes.as_storage(w2, r.weight_dtype)
-    w1_scale, w2_scale = recipes.as_storage(w1_scale, r.scale_dtype), recipes.as_storage(w2_scale, r.scale_dtype)
+    w1, w1_scale, w2, w2_scale = _storage_views(r, w1, w1_scale, w2, w2_scale)
     hidden = x.shape[1]
     torch._check(w1.shape[0] == w2.shape[0], lambda: f"megamoe.fused_moe: w1 holds {w1.shape[0]} experts, "
                  f"w2 {w2.shape[0]}")

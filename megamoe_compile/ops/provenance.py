@@ -20,6 +20,7 @@ they are compared by identity, dtype, device, shape and storage only).
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -38,8 +39,6 @@ class WeakLink:
     __slots__ = ("_ref",)
 
     def __init__(self, target: object = None):
-        import weakref
-
         self._ref = None if target is None else weakref.ref(target)
 
     def __call__(self):
