@@ -63,11 +63,11 @@ _INTERFACES: dict[str, object] = {}
 def register() -> None:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-    from . import hf
+    from . import models
 
     ExpertsInterface.register(IMPLEMENTATION, megamoe_experts_forward)
     _INTERFACES["dense"] = ALL_EXPERTS_FUNCTIONS
-    fp8 = hf.fp8_integration()
+    fp8 = models.fp8_integration()
     if fp8 is not None and hasattr(fp8, "FP8ExpertsInterface"):
         fp8.FP8ExpertsInterface.register(IMPLEMENTATION, megamoe_experts_forward)
-        _INTERFACES[hf.FP8_EXPERTS_CLASS] = fp8.ALL_FP8_EXPERTS_FUNCTIONS
+        _INTERFACES[models.FP8_EXPERTS_CLASS] = fp8.ALL_FP8_EXPERTS_FUNCTIONS

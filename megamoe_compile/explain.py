@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import hf
+from . import models
 from .backend import CompiledGraph, MegaMoEBackend
 from .config import MegaMoEConfig
 from .layer_state import FusedPlanView, LayerPlan, layer_plans, prepared_config
@@ -22,6 +22,8 @@ class LayerReport(FusedPlanView):
     fused: bool
     reason: str
     traced_as: str | None
+    # Another family's router as the traced graph shows it (`LayerFusion.router_kind`).
+    router_kind: str = ""
 
     @property
     def index(self) -> int | None:
@@ -38,7 +40,7 @@ class LayerReport(FusedPlanView):
         if spec is None:
             return "?"
         if spec.router == "graph":  # another family's router: graph code, not part of the fused region
-            return f"{spec.family} {spec.router_kind} k={spec.top_k}"
+            return f"{spec.family} {self.router_kind or spec.router_config or '?'} k={spec.top_k}"
         kind = "top-k" if spec.router == "topk" else "hash"
         return f"{kind} {spec.scoring_func} k={spec.top_k} x{spec.routed_scaling_factor:g}"
 
@@ -102,9 +104,7 @@ class MoEReport:
         lines = [f"MegaMoE: {len(self.fused)} of {len(self.layers)} MoE layers fused, "
                  f"{len(self.graphs)} graph(s) compiled"]
         if not self.layers:
-            from .hf import RECOGNISED_FAMILIES
-
-            lines.append(f"no MoE layer of this model is one megamoe-compile recognises ({RECOGNISED_FAMILIES})")
+            lines.append(f"no MoE layer of this model is one megamoe-compile recognises ({models.RECOGNISED_FAMILIES})")
         for j, row in enumerate(rows):
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
             if j == 0:
@@ -131,8 +131,8 @@ def explain(model: torch.nn.Module, *args, config: MegaMoEConfig | None = None, 
     be = MegaMoEBackend(config, run_original=True)
     with torch.no_grad():
         torch.compile(model, backend=be)(*args, **kwargs)
-    unrecognised = [LayerReport(LayerPlan(name, hf.layer_index(name), None, False, reason=why), False, why, None)
-                    for name, why in hf.unrecognised_moe_modules(model)]
+    unrecognised = [LayerReport(LayerPlan(name, models.layer_index(name), None, False, reason=why), False, why, None)
+                    for name, why in models.unrecognised_moe_modules(model)]
     return MoEReport(_layer_reports(layer_plans(model), be) + unrecognised, be.graphs)
 
 
@@ -144,5 +144,5 @@ def _layer_reports(plans: list[LayerPlan], be: MegaMoEBackend) -> list[LayerRepo
         if fusion is None:
             reports.append(LayerReport(plan, False, plan.reason or "not in any compiled graph", None))
         else:
-            reports.append(LayerReport(plan, fusion.fused, fusion.reason, fusion.traced_as))
+            reports.append(LayerReport(plan, fusion.fused, fusion.reason, fusion.traced_as, fusion.router_kind))
     return reports

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import hf
+from . import models
 from .config import MegaMoEConfig
 from .ops import layouts, provenance, recipes
 
@@ -37,7 +37,7 @@ class LayerPlan:
 
     name: str
     layer_index: int | None
-    spec: hf.MoESpec | None
+    spec: models.MoESpec | None
     fuse: bool
     reason: str = ""
     kernel: str | None = None
@@ -121,7 +121,7 @@ def plan_of(module: torch.nn.Module) -> LayerPlan | None:
 
 def layer_plans(model: torch.nn.Module) -> list[LayerPlan]:
     """The plans `prepare` made, in module order."""
-    return [plan for _, b in hf.find_moe_blocks(model) if (plan := plan_of(b))]
+    return [plan for _, b in models.find_moe_blocks(model) if (plan := plan_of(b))]
 
 
 def prepared_config(model: torch.nn.Module) -> MegaMoEConfig | None:
@@ -152,7 +152,7 @@ def kernel_weights(experts: torch.nn.Module) -> layouts.KernelWeights:
 def source_names(experts: torch.nn.Module) -> tuple[str, ...]:
     """The experts' tensors a kernel-ready copy is built from: the weights and, for a quantized
     checkpoint, their scales."""
-    return ("gate_up_proj", "down_proj", *layouts.scale_names(experts))
+    return ("gate_up_proj", "down_proj", *models.fp8_checkpoints.scale_names(experts))
 
 
 def stamp_provenance(experts: torch.nn.Module, block: torch.nn.Module, name: str, derived: bool) -> None:
@@ -199,7 +199,7 @@ def configured_implementation(experts: torch.nn.Module) -> str | None:
     """The experts implementation the model is configured with now (not prepare's "megamoe"):
     `model.set_experts_implementation(...)` after prepare changes it."""
     rec = record_of(experts)
-    return hf.experts_implementation(experts, None if rec is None else rec.original_config)
+    return models.experts_implementation(experts, None if rec is None else rec.original_config)
 
 
 def marker_constants(plan: LayerPlan) -> tuple:

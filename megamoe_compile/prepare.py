@@ -17,8 +17,8 @@ import warnings
 import torch
 
 from . import experts as megamoe_experts
-from . import hf
 from . import layer_state as state
+from . import models
 from .config import MegaMoEConfig
 from .layer_state import BUFFER_PREFIX, LayerPlan, UnsupportedLayerError, kernel_ready, layer_plans, record
 from .ops import layouts, recipes
@@ -40,16 +40,16 @@ def prepare(model: torch.nn.Module, config: MegaMoEConfig | None = None) -> torc
     if not isinstance(config, MegaMoEConfig):
         raise TypeError(f"megamoe.prepare: config must be a MegaMoEConfig, got {type(config).__name__} "
                         "(e.g. mc.MegaMoEConfig(**fields))")
-    untested = hf.untested_transformers()
+    untested = models.untested_transformers()
     if untested:
         warnings.warn(f"megamoe: {untested}", stacklevel=2)
-    blocks = hf.find_moe_blocks(model)
+    blocks = models.find_moe_blocks(model)
     if not blocks:
-        others = hf.unrecognised_moe_modules(model)
+        others = models.unrecognised_moe_modules(model)
         found = f"; found {len(others)} it does not: {others[0][1]}" if others else ""
         warnings.warn(f"megamoe.prepare: {type(model).__name__} has no MoE layer this version recognises "
-                      f"({hf.RECOGNISED_FAMILIES}){found}; nothing is prepared or fused", stacklevel=2)
-    config.check_layers_exist([i for name, _ in blocks if (i := hf.layer_index(name)) is not None])
+                      f"({models.RECOGNISED_FAMILIES}){found}; nothing is prepared or fused", stacklevel=2)
+    config.check_layers_exist([i for name, _ in blocks if (i := models.layer_index(name)) is not None])
     ep = ExpertParallel.of(config.ep_mode, config.ep_group)
     start, shown = time.perf_counter(), False
     for i, (name, block) in enumerate(blocks):
@@ -87,11 +87,11 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
         return _keep(old, block, config, ep)
     _restore_implementation(experts)  # describe reads the model's own experts implementation
     try:
-        spec, why = hf.describe(name, block)
+        spec, why = models.describe(name, block)
     except Exception as e:  # a structure describe does not know: left as it is, and said (never a crash)
         spec, why = None, (f"not recognised: reading {type(block).__name__} / {type(experts).__name__} raised "
                            f"{type(e).__name__}: {e}")
-    index = hf.layer_index(name)
+    index = models.layer_index(name)
     previous = _drop_buffers(experts)
 
     if spec is None:
@@ -144,7 +144,7 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
         if plan.recipe == "none":
             plan.notes.append("release_original_weights: recipe 'none' computes with the model's own expert "
                               "weights; nothing to release (choose a quantized recipe to hold only its copy)")
-        elif spec.experts_class == hf.FP8_EXPERTS_CLASS:
+        elif spec.experts_class == models.FP8_EXPERTS_CLASS:
             plan.notes.append(f"release_original_weights: not for {spec.experts_class} (its forward is "
                               "transformers' quantized-experts code); original weights kept")
         elif plan.prepared_bytes == 0:
@@ -154,7 +154,7 @@ def _plan_layer(name: str, block: torch.nn.Module, config: MegaMoEConfig,
     return plan
 
 
-def transformers_ep_problem(spec: hf.MoESpec, ep: ExpertParallel | None) -> str:
+def transformers_ep_problem(spec: models.MoESpec, ep: ExpertParallel | None) -> str:
     """Why experts that transformers' expert parallelism sharded cannot be fused ("" when they can).
 
     They can when megamoe's group is transformers' EP mesh, rank for rank: the kernel splits
@@ -173,7 +173,7 @@ def transformers_ep_problem(spec: hf.MoESpec, ep: ExpertParallel | None) -> str:
     return ""
 
 
-def choose_kernel(config: MegaMoEConfig, spec: hf.MoESpec) -> tuple[str | None, str | None, str]:
+def choose_kernel(config: MegaMoEConfig, spec: models.MoESpec) -> tuple[str | None, str | None, str]:
     """(kernel, recipe, "") for a layer, or (None, None, reason) when it stays unfused.
 
     Raises UnsupportedLayerError when the user forced a kernel that cannot take the layer.
@@ -193,12 +193,12 @@ def choose_kernel(config: MegaMoEConfig, spec: hf.MoESpec) -> tuple[str | None, 
     return kernel.name, recipe, ""
 
 
-def default_recipe(kernel: str, spec: hf.MoESpec) -> str:
+def default_recipe(kernel: str, spec: models.MoESpec) -> str:
     # The reference kernel keeps what the checkpoint holds, so it re-quantizes nothing.
     return get_kernel(kernel).default_recipe(spec.weight_format)
 
 
-def recipe_problem(kernel: str, recipe: str, spec: hf.MoESpec) -> str:
+def recipe_problem(kernel: str, recipe: str, spec: models.MoESpec) -> str:
     """Why `kernel` cannot run `recipe` on this layer ("" when it can)."""
     k = get_kernel(kernel)
     return (k.refuses_recipe(recipe)
@@ -206,18 +206,18 @@ def recipe_problem(kernel: str, recipe: str, spec: hf.MoESpec) -> str:
             or k.library_problem(recipe))
 
 
-def _layer_shape(spec: hf.MoESpec, num_experts: int | None = None) -> LayerShape:
+def _layer_shape(spec: models.MoESpec, num_experts: int | None = None) -> LayerShape:
     return LayerShape(spec.num_experts if num_experts is None else num_experts, spec.hidden, spec.intermediate,
                       spec.top_k, spec.dtype, spec.device)
 
 
-def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: MegaMoEConfig,
+def _build(experts: torch.nn.Module, spec: models.MoESpec, plan: LayerPlan, config: MegaMoEConfig,
            ep: ExpertParallel | None, previous: dict[str, torch.Tensor] | None = None) -> None:
     previous = previous or {}
     with torch.no_grad():
-        source = layouts.source_weights(experts, spec.weight_format)
+        source = models.fp8_checkpoints.checkpoint_weights(experts, spec.weight_format)
         if spec.expert_parallel:  # DTensor shards of transformers' EP: this rank's part as it is
-            source = layouts.KernelWeights(*(None if t is None else hf.local_tensor(t)
+            source = layouts.KernelWeights(*(None if t is None else models.local_tensor(t)
                                              for t in source.tensors().values()))
         elif plan.local_experts is not None:
             source = source.experts(*plan.local_experts)  # this rank's experts only
@@ -233,7 +233,7 @@ def _build(experts: torch.nn.Module, spec: hf.MoESpec, plan: LayerPlan, config: 
         return
     # Views of the model's own tensors (a checkpoint already in the recipe's format, this rank's
     # slice of the experts) are not copies: they cost no memory, and are never written into.
-    model_storage = {hf.local_tensor(p).untyped_storage().data_ptr() for p in experts.parameters()}
+    model_storage = {models.local_tensor(p).untyped_storage().data_ptr() for p in experts.parameters()}
     model_storage |= {b.untyped_storage().data_ptr() for n, b in experts.named_buffers()
                       if not n.startswith(BUFFER_PREFIX)}
     owned = set()
@@ -282,7 +282,7 @@ def _keep(plan: LayerPlan, block: torch.nn.Module, config: MegaMoEConfig, ep: Ex
         _reserve(plan, kernel_ready(experts)[0].shape[0], config, ep)
     plan.config = config
     if plan.spec is not None:
-        plan.spec = hf.refresh(plan.spec, block)
+        plan.spec = models.refresh(plan.spec, block)
     state.link(experts)  # tensors replaced by a load with assign=True are found again
     return plan
 
@@ -326,7 +326,7 @@ def _release_original_weights(block: torch.nn.Module, plan: LayerPlan) -> None:
     experts = block.experts
     plan.eager_fused = True
     for name in ("gate_up_proj", "down_proj"):
-        old = hf.local_tensor(getattr(experts, name))
+        old = models.local_tensor(getattr(experts, name))
         setattr(experts, name, torch.nn.Parameter(old.new_empty(0), requires_grad=False))
     record(experts).released = True
     # Nothing is left to go stale: the kernel-ready copy is the layer's only weights now.
@@ -364,7 +364,7 @@ def _drop_buffers(experts: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _nbytes(module: torch.nn.Module) -> int:
     # What this rank holds: a DTensor's numel() counts every rank's shard.
-    return sum(hf.local_tensor(p).numel() * p.element_size() for n, p in module.named_parameters())
+    return sum(models.local_tensor(p).numel() * p.element_size() for n, p in module.named_parameters())
 
 
 def _fingerprint(name: str, config: MegaMoEConfig, block: torch.nn.Module) -> tuple:
@@ -374,7 +374,7 @@ def _fingerprint(name: str, config: MegaMoEConfig, block: torch.nn.Module) -> tu
     weights are (dtype, device, shape)."""
     gate, experts = getattr(block, "gate", None), block.experts
     weights = tuple((n, t.dtype, t.device, tuple(t.shape)) for n in state.source_names(experts)
-                    if (t := getattr(experts, n, None)) is not None and (t := hf.local_tensor(t)) is not None)
+                    if (t := getattr(experts, n, None)) is not None and (t := models.local_tensor(t)) is not None)
     return (name, config.plan_key(), state.configured_implementation(experts), getattr(gate, "top_k", None),
             type(getattr(gate, "score_fn", None)), weights)
 

@@ -173,7 +173,7 @@ def row(model_type: str) -> Row:
         warnings.simplefilter("ignore")
         mc.prepare(model, config)  # never raises on a model's structure
     plans = mc.layer_plans(model)
-    others = mc.hf.unrecognised_moe_modules(model)
+    others = mc.models.unrecognised_moe_modules(model)
     ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():

@@ -56,7 +56,7 @@ COPIES = {"deepcopy": copy.deepcopy, "pickle": _pickled, "torch.save": _saved, "
 
 
 def _experts(model):
-    return [block.experts for _, block in mc.hf.find_moe_blocks(model)]
+    return [block.experts for _, block in mc.models.find_moe_blocks(model)]
 
 
 def _logits(model, inner):
@@ -105,9 +105,9 @@ def test_a_copy_has_kernel_ready_buffers_of_its_own(family):
                 other = dict(theirs.named_buffers())[name]
                 assert buffer.data_ptr() != other.data_ptr() and torch.equal(buffer.view(torch.uint8),
                                                                              other.view(torch.uint8))
-        assert mc.hf.find_moe_blocks(model)  # the copy's record points at the copy's block
+        assert mc.models.find_moe_blocks(model)  # the copy's record points at the copy's block
     copied = mc.layer_state.record_of(_experts(model)[0])
-    assert copied.block() is mc.hf.find_moe_blocks(model)[0][1]
+    assert copied.block() is mc.models.find_moe_blocks(model)[0][1]
     assert copied.provenance.owner() is _experts(model)[0]
 
 
@@ -269,7 +269,7 @@ def test_the_report_shows_a_changed_routed_scaling_factor():
     model = v4()
     config = mc.MegaMoEConfig(kernel="reference")
     mc.prepare(model, config)
-    for _, block in mc.hf.find_moe_blocks(model):
+    for _, block in mc.models.find_moe_blocks(model):
         block.gate.routed_scaling_factor = 3.25
     mc.prepare(model, config)
     assert all(p.spec.routed_scaling_factor == 3.25 for p in mc.layer_plans(model) if p.spec.routed_scaling_factor)
@@ -282,7 +282,7 @@ def test_released_layers_with_a_hook_are_reported_fused():
     config = mc.MegaMoEConfig(kernel="reference", recipe="fp8", release_original_weights=True)
     mc.prepare(model, config)
     seen = []
-    for _, block in mc.hf.find_moe_blocks(model):
+    for _, block in mc.models.find_moe_blocks(model):
         block.register_forward_hook(lambda module, args, out: seen.append(1))
     be = mc.backend(config, inner_backend="eager")
     with torch.no_grad():

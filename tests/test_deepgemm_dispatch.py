@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import megamoe_compile as mc
-from megamoe_compile import hf
+from megamoe_compile import models
 from megamoe_compile.ops import deepgemm, groups
 from megamoe_compile.ops.layouts import KernelWeights
 
@@ -162,10 +162,10 @@ def install(monkeypatch):
         return dg
 
     monkeypatch.setattr(groups, "_make_private_group", lambda index: FakeGroup())
-    monkeypatch.setattr(deepgemm, "_BUFFERS", {})
-    monkeypatch.setattr(deepgemm, "_LAUNCHES", {})
+    deepgemm.release_buffers()
     monkeypatch.setattr(groups, "_PRIVATE_GROUPS", {})
     yield _install
+    deepgemm.release_buffers()
     deepgemm.reset_probe()
 
 
@@ -175,8 +175,8 @@ def gpu(monkeypatch, capability=(9, 0)):
 
 
 def spec(*, hidden=512, intermediate=256, experts=8, top_k=4, device="cpu", dtype=torch.bfloat16,
-         name="model.layers.3.mlp") -> hf.MoESpec:
-    return hf.MoESpec(
+         name="model.layers.3.mlp") -> models.MoESpec:
+    return models.MoESpec(
         name=name, layer_index=3, router="topk", scoring_func="sqrtsoftplus", top_k=top_k,
         num_experts=experts, hidden=hidden, intermediate=intermediate, routed_scaling_factor=1.5,
         swiglu_limit=10.0, experts_implementation="grouped_mm", weight_format="dense", dtype=dtype,

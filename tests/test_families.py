@@ -36,7 +36,8 @@ def test_family_fuses_each_moe_layer_and_matches_eager(model_type, impl):
     assert graph.code.count("torch.ops.megamoe.fused_moe.default(") == layers
     for plan in mc.layer_plans(model):
         assert plan.spec.family == model_type and plan.spec.activation == "swiglu"
-        assert plan.spec.router_kind == router, plan.spec.router_kind
+    for fusion in be.fusions:  # the router as the traced graph shows it
+        assert fusion.router_kind == router, fusion.router_kind
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
@@ -238,6 +239,36 @@ def test_report_names_family_router_and_activation():
     report = mc.explain(model, input_ids())
     text = str(report)
     assert "minimax_m2" in text and "sigmoid+bias" in text and "swiglu" in text
+
+
+def test_families_fuse_with_a_transformers_that_has_no_deepseek_v4(monkeypatch):
+    """The other families need nothing of transformers' DeepSeek-V4 module: with none (an older or a
+    trimmed transformers), prepare, the pass and the report still fuse them."""
+    from megamoe_compile.models import deepseek_v4
+
+    monkeypatch.setattr(deepseek_v4, "v4_classes", lambda: None)
+    model = family_model("qwen3_moe")
+    be = _compile_and_compare(model)
+    assert [f.fused for f in be.fusions] == [True, True], [f.reason for f in be.fusions]
+    assert "2 of 2 MoE layers fused" in str(mc.explain(model, input_ids()))
+
+
+def test_the_router_is_described_from_its_traced_ops_not_its_source():
+    """A router whose class is unchanged but whose scoring is replaced (softmax -> sigmoid) is
+    reported as what it computes, with the correction bias only where one feeds the top-k."""
+    model = family_model("qwen3_moe")
+    gate = model.model.layers[0].mlp.gate
+
+    def sigmoid_forward(hidden_states):
+        logits = torch.nn.functional.linear(hidden_states.reshape(-1, gate.hidden_dim), gate.weight)
+        scores = logits.sigmoid()
+        weights, ids = torch.topk(scores, gate.top_k, dim=-1)
+        return logits, weights / weights.sum(-1, keepdim=True), ids
+
+    gate.forward = sigmoid_forward
+    be = _compile_and_compare(model)
+    assert [f.router_kind for f in be.fusions] == ["sigmoid", "softmax"], [f.router_kind for f in be.fusions]
+    assert all(f.fused for f in be.fusions)
 
 
 def fp8_family_checkpoint(path, model_type: str):

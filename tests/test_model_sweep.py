@@ -8,7 +8,7 @@ import pytest
 import torch
 from model_sweep import DOCS_TRANSFORMERS, EXACT, docs_rows, model_types, row
 
-from megamoe_compile import hf
+from megamoe_compile import models
 
 MODEL_TYPES = model_types()
 
@@ -45,7 +45,7 @@ def test_model_type(model_type):
         torch.testing.assert_close(torch.tensor(r.max_diff), torch.tensor(0.0), **EXACT)
     if r.status in ("partly fused", "unfused"):
         assert r.detail, f"{model_type}: left unfused without a reason"
-    if hf.transformers_version() == tuple(int(v) for v in DOCS_TRANSFORMERS.split(".")):
+    if models.transformers_version() == tuple(int(v) for v in DOCS_TRANSFORMERS.split(".")):
         assert docs_rows().get(model_type) == r.markdown(), (
             f"docs/models.md is out of date for {model_type}: run python tests/model_sweep.py --write")
     if r.status == "not checked":

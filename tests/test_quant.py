@@ -239,8 +239,7 @@ def test_e8m0_to_float_every_byte():
     assert decoded.dtype == torch.float32
     assert decoded[:255].tolist() == [math.ldexp(1.0, b - 127) for b in range(255)]
     assert decoded[255].isnan()
-    if hasattr(torch, "float8_e8m0fnu"):
-        assert torch.equal(quant.e8m0_to_float(e[:255].view(torch.float8_e8m0fnu)), decoded[:255])
+    assert torch.equal(quant.e8m0_to_float(e[:255].view(torch.float8_e8m0fnu)), decoded[:255])
 
 
 # --------------------------------------------------------------------------- FP8 blocks

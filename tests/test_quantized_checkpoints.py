@@ -33,8 +33,8 @@ from transformers.integrations import finegrained_fp8 as tf8
 from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
 import megamoe_compile as mc
-from megamoe_compile import hf, layer_state
-from megamoe_compile.ops import layouts, quant
+from megamoe_compile import layer_state, models
+from megamoe_compile.ops import quant
 
 prep = importlib.import_module("megamoe_compile.prepare")  # the package's `prepare` is the function
 E8M0 = torch.float8_e8m0fnu
@@ -113,9 +113,9 @@ def test_transformers_loads_fp8_experts_and_describe_reads_them(tmp_path, expert
     quantized_checkpoint(tmp_path, _model(), expert_dtype=expert_dtype, scale_fmt=scale_fmt)
     model = load_quantized(tmp_path)
     H, I_, E = SIZES["hidden"], SIZES["intermediate"], SIZES["experts"]
-    for name, block in hf.find_moe_blocks(model):
+    for name, block in models.find_moe_blocks(model):
         experts = block.experts
-        assert type(experts) is tf8.FP8Experts and hf.is_fp8_experts(experts)
+        assert type(experts) is tf8.FP8Experts and models.is_fp8_experts(experts)
         assert type(block.shared_experts.down_proj) is tf8.FP8Linear
         if expert_dtype == "fp4":
             assert experts.gate_up_proj.dtype == torch.int8 and experts.gate_up_proj.shape == (E, 2 * I_, H // 2)
@@ -126,7 +126,7 @@ def test_transformers_loads_fp8_experts_and_describe_reads_them(tmp_path, expert
             assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and experts.gate_up_proj.shape == (E, 2 * I_, H)
             assert experts.gate_up_proj_scale_inv.dtype == (E8M0 if scale_fmt == "ue8m0" else torch.float32)
             assert experts.down_proj_scale_inv.shape == (E, H // 128, I_ // 128)
-        spec, why = hf.describe(name, block)
+        spec, why = models.describe(name, block)
         assert spec is not None, why
         assert spec.experts_class == "FP8Experts" and spec.traced_implementation == "fp8_grouped_mm"
         assert spec.weight_format == ("mxfp4" if expert_dtype == "fp4" else "fp8")
@@ -152,7 +152,7 @@ def test_prepare_keeps_the_checkpoint_values_bit_for_bit(tmp_path, expert_dtype,
     written = quantized_checkpoint(tmp_path, _model(), expert_dtype=expert_dtype, scale_fmt=scale_fmt)
     model = load_quantized(tmp_path)
     mc.prepare(model, mc.MegaMoEConfig(kernel="reference"))
-    for plan, (_, block) in zip(mc.layer_plans(model), hf.find_moe_blocks(model)):
+    for plan, (_, block) in zip(mc.layer_plans(model), models.find_moe_blocks(model)):
         assert plan.fuse and plan.recipe == ("fp8_fp4" if expert_dtype == "fp4" else "fp8"), plan.reason
         got = layer_state.kernel_weights(block.experts)
         # The kernel reads the module's own tensors: no copy of the weights was made.
@@ -175,7 +175,7 @@ def test_prepare_keeps_the_checkpoint_values_bit_for_bit(tmp_path, expert_dtype,
         assert plan.prepared_bytes <= scale_bytes and (expert_dtype != "fp4" or plan.prepared_bytes == 0)
     # Nothing to release: the quantized experts' own forward keeps its weights.
     mc.prepare(model, mc.MegaMoEConfig(kernel="reference", release_original_weights=True))
-    for plan, (_, block) in zip(mc.layer_plans(model), hf.find_moe_blocks(model)):
+    for plan, (_, block) in zip(mc.layer_plans(model), models.find_moe_blocks(model)):
         assert block.experts.gate_up_proj.numel() > 0
         assert any(note.startswith("release_original_weights: not for FP8Experts") for note in plan.notes)
 
@@ -287,10 +287,10 @@ def test_eager_fp8_experts_are_traced_through_grouped_mm(tmp_path, finegrained_k
 def test_describe_refuses_fp8_experts_it_cannot_fuse(tmp_path, change, reason):
     quantized_checkpoint(tmp_path, _model(), expert_dtype="fp8")
     model = load_quantized(tmp_path)
-    name, block = hf.find_moe_blocks(model)[0]
-    assert hf.describe(name, block)[0] is not None
+    name, block = models.find_moe_blocks(model)[0]
+    assert models.describe(name, block)[0] is not None
     change(block.experts)
-    spec, why = hf.describe(name, block)
+    spec, why = models.describe(name, block)
     assert spec is None and reason in why, why
 
 
@@ -299,11 +299,11 @@ def test_float32_fp4_scales_are_refused(tmp_path):
     kernels cannot take; the layer is left alone rather than guessed at."""
     quantized_checkpoint(tmp_path, _model(), expert_dtype="fp4", scale_fmt="float")
     model = load_quantized(tmp_path)
-    name, block = hf.find_moe_blocks(model)[0]
-    spec, why = hf.describe(name, block)
+    name, block = models.find_moe_blocks(model)[0]
+    spec, why = models.describe(name, block)
     assert spec is None and "UE8M0" in why, why
     with pytest.raises(ValueError, match="powers of two"):
-        layouts._as_e8m0(torch.full((2,), 0.3))
+        quant.ue8m0_bytes(torch.full((2,), 0.3))
 
 
 def test_a_grouped_matmul_from_another_library_is_not_fused(tmp_path, monkeypatch):
@@ -324,7 +324,7 @@ def test_scale_grid_mismatch_is_an_error():
     experts.down_proj = torch.zeros(2, 128, 64, dtype=torch.int8)
     experts.down_proj_scale_inv = torch.zeros(2, 128, 4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="gate_up_proj .* expected"):
-        layouts.source_weights(experts, "mxfp4")
+        models.fp8_checkpoints.checkpoint_weights(experts, "mxfp4")
 
 
 # -- transformers' CPU fallback: dequantized at load -------------------------------------------------
@@ -335,9 +335,9 @@ def test_dequantized_load_is_dense_and_requantizes_to_the_same_values(tmp_path):
     values (codes and scales may be spelled differently where a block's maximum is below 4)."""
     written = quantized_checkpoint(tmp_path, _model(), expert_dtype="fp4")
     model = load_quantized(tmp_path, dequantize=True)
-    name, block = hf.find_moe_blocks(model)[1]
+    name, block = models.find_moe_blocks(model)[1]
     experts = block.experts
-    assert type(experts) is hf.v4_classes().DeepseekV4Experts and experts.gate_up_proj.dtype == torch.bfloat16
+    assert type(experts) is models.deepseek_v4.v4_classes().DeepseekV4Experts and experts.gate_up_proj.dtype == torch.bfloat16
     stem = "model.layers.1.ffn.experts.3"
     checkpoint = torch.cat([quant.dequantize_mxfp4(written[f"{stem}.{w}.weight"], written[f"{stem}.{w}.scale"])
                             for w in ("w1", "w3")])

@@ -1,6 +1,6 @@
 """The README and the docs pages cannot go stale: every code block of README.md and docs/*.md is
 run or checked here, every docs page is linked from the README, and the README stays short; the tested transformers
-releases are one fact, said alike by the requirement, the README, CI and `hf.TESTED_TRANSFORMERS`;
+releases are one fact, said alike by the requirement, the README, CI and `models.TESTED_TRANSFORMERS`;
 an untested release is warned about; a DeepGEMM release that cannot load on this torch is named."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from helpers import input_ids, tiny_model
 
 import megamoe_compile as mc
-from megamoe_compile import hf
+from megamoe_compile import models
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -114,7 +114,7 @@ def test_readme_report_block_has_the_report_columns():
 # -- tested transformers releases --------------------------------------------------------------
 
 def test_the_tested_releases_are_one_fact():
-    (first, last) = hf.TESTED_TRANSFORMERS
+    (first, last) = models.TESTED_TRANSFORMERS
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"transformers>={first[0]}.{first[1]}"' in pyproject  # no upper bound: newer releases warn
     tested = README[README.index("## Tested versions"):README.index("## Tests")]
@@ -130,13 +130,13 @@ def test_an_untested_release_is_warned_about(monkeypatch):
 
     monkeypatch.setattr(transformers, "__version__", "5.99.0")
     assert "transformers 5.99.0 is not a release megamoe-compile was tested with (5.23-5.25)" in \
-        hf.untested_transformers()
+        models.untested_transformers()
     with pytest.warns(UserWarning, match=r"transformers 5\.99\.0 is not a release .*tested with \(5\.23-5\.25\)"):
         mc.prepare(tiny_model(), mc.MegaMoEConfig())
 
 
 def test_a_tested_release_is_not_warned_about():
-    assert hf.untested_transformers() == ""
+    assert models.untested_transformers() == ""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mc.prepare(tiny_model(), mc.MegaMoEConfig())

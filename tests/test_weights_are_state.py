@@ -480,7 +480,7 @@ def test_prepare_again_under_another_name_or_top_k_re_plans():
 def test_the_traced_experts_forward_imports_nothing(monkeypatch):
     """torch 2.11's dynamo cannot trace an import of transformers' lazy modules (a graph break
     that separated the marker from the experts code on the H200): the forward imports nothing."""
-    from megamoe_compile import hf
+    from megamoe_compile import models
 
     model = tiny_model(seed=0)
     mc.prepare(model, mc.MegaMoEConfig())
@@ -488,7 +488,8 @@ def test_the_traced_experts_forward_imports_nothing(monkeypatch):
     def no_import_here():
         raise AssertionError("transformers' finegrained_fp8 looked up while tracing")
 
-    monkeypatch.setattr(hf, "fp8_integration", no_import_here)
+    monkeypatch.setattr(models, "fp8_integration", no_import_here)
+    monkeypatch.setattr(models.fp8_checkpoints, "fp8_integration", no_import_here)
     _compiled(model)
     assert _fused_layers() == 2
 

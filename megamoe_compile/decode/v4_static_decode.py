@@ -39,7 +39,7 @@ import warnings
 
 import torch
 
-from .. import hf
+from .. import models
 from .v4_static_cache import (
     HCA,
     UNSUPPORTED_GENERATE,
@@ -76,7 +76,7 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
 
     transformers' generate() compiles `model.__call__` itself (`get_compiled_call`) on CUDA, or on
     any device with `compile_config._compile_all_devices = True`; its prefill stays eager."""
-    m = hf.v4_classes()
+    m = models.deepseek_v4.v4_classes()
     attentions = [] if m is None else [mod for mod in model.modules() if isinstance(mod, m.DeepseekV4Attention)]
     if not attentions:
         raise TypeError(f"enable_static_decode: {type(model).__name__} is not a Hugging Face DeepSeek-V4 model "
@@ -88,11 +88,12 @@ def enable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
     if missing:
         import transformers
 
-        raise TypeError(f"enable_static_decode: transformers {transformers.__version__}'s DeepSeek-V4 attention lacks "
-                        f"what the decode forwards use ({', '.join(missing)}); tested with {hf.tested_range_text()}")
-    if hf.untested_transformers():
-        warnings.warn(f"enable_static_decode: {hf.untested_transformers()}; its decode forwards replicate the V4 "
-                      f"attention code of {hf.tested_range_text()}", stacklevel=2)
+        raise TypeError(f"enable_static_decode: transformers {transformers.__version__}'s DeepSeek-V4 attention "
+                        f"lacks what the decode forwards use ({', '.join(missing)}); tested with "
+                        f"{models.tested_range_text()}")
+    if models.untested_transformers():
+        warnings.warn(f"enable_static_decode: {models.untested_transformers()}; its decode forwards replicate the V4 "
+                      f"attention code of {models.tested_range_text()}", stacklevel=2)
     global _V4, _COLLECTOR
     _V4, _COLLECTOR = m, _output_collector()
     for attention in attentions:
@@ -128,7 +129,7 @@ def disable_static_decode(model: torch.nn.Module) -> torch.nn.Module:
     restore = getattr(model, _ENABLED, None)
     if not restore:
         return model
-    m = hf.v4_classes()
+    m = models.deepseek_v4.v4_classes()
     for mod in model.modules():
         if isinstance(mod, m.DeepseekV4Attention) and "forward" in vars(mod):
             del mod.forward

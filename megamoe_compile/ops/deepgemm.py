@@ -8,13 +8,14 @@ Three parts, each small:
   upstream DeepGEMM 2.8 (torch >= 2.13), which add `mma_type`, `num_shared_experts`, ...
   On SM100 the recipe picks the MMA type: "fp8_fp4" (FP8 x FP4, default) or the opt-in w4a4
   "fp4_fp4" (MXFP4 x MXFP4), passed alike to buffer, weight transform and pre-dispatch;
-* the symmetric buffers: one per (process group, device, kernel, experts, top-k, hidden,
-  intermediate, max tokens), shared by every layer of that shape, reserved at load time by
-  `reserve_buffer` (prepare calls it) so that they exist before any CUDA-graph capture. Without a
-  process group a private world-size-1 group is made that leaves torch.distributed's default
-  group alone;
-* the two kernels, registered by name: stage the activations and routing into the buffer with
-  DeepGEMM's pre-dispatch, then one mega kernel call. Capturable in a CUDA graph: no host syncs,
+* the symmetric buffers (`SymmetricBuffers`, one set per kernel): one per (process group, device,
+  experts, top-k, hidden, intermediate, recipe, max tokens), shared by every layer of that shape,
+  reserved at load time by `DeepGemmKernel.reserve` (prepare calls it) so that they exist before
+  any CUDA-graph capture, and found by the kernel's `run`. Without a process group a private
+  world-size-1 group is made that leaves torch.distributed's default group alone;
+* the two kernels, classes registered by name (`DeepGemmSM90`, `DeepGemmSM100`): what they
+  take, their weight layout, buffers, warm-up, and `run`: stage the activations and routing into
+  the buffer with DeepGEMM's pre-dispatch, then one mega kernel call. Capturable in a CUDA graph: no host syncs,
   no allocation but the output (and, on SM100 only when its pre-dispatch cannot fold the routed
   scaling factor, the scaled routing weights).
 
@@ -28,7 +29,7 @@ import dataclasses
 import functools
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -128,7 +129,8 @@ def reset_probe() -> None:
     """Forget what was found about deep_gemm (after installing it, or in tests)."""
     _deep_gemm.cache_clear()
     _api.cache_clear()
-    _LAUNCHES.clear()
+    for name in KERNELS:
+        _kernel(name).launches.clear()
 
 
 def _installed_version(module: Any = None) -> str:
@@ -212,131 +214,6 @@ def _require_api(kernel: str) -> _Api:
     return api
 
 
-# -- kernel choice and weight layout (load time) ----------------------------------------------
-
-_CAPABILITY = {SM90: 9, SM100: 10}  # GPU major version of each kernel
-
-
-def _device_problem(kernel: str, device: torch.device) -> str:
-    """Why `kernel` cannot run on `device` ("" when it can)."""
-    if device.type != "cuda":
-        return f"DeepGEMM kernels need a CUDA GPU; the experts are on {device}"
-    if not torch.cuda.is_available():
-        return "DeepGEMM kernels need a CUDA GPU; torch.cuda.is_available() is False"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major != _CAPABILITY[kernel]:
-        return (f"DeepGEMM MegaMoE needs sm_90 (Hopper) or sm_100 (Blackwell); "
-                f"this GPU is sm_{major}{minor}")
-    return ""
-
-
-def _shape_problem(kernel: str, shape: LayerShape) -> str:
-    """Why `kernel`, on a device it runs on and in bfloat16, cannot take a layer of `shape` ("" when it can)."""
-    for dim, size in (("hidden", shape.hidden), ("moe_intermediate", shape.intermediate)):
-        if size % 128:
-            return f"{kernel} needs {dim} size a multiple of 128, got {size}"
-    if kernel == SM90 and shape.intermediate > SM90_MAX_INTERMEDIATE:
-        # sgl-deep-gemm 0.1.5 asserts `intermediate_hidden / 64 <= 64` at its first launch (measured on
-        # an H200 with Mixtral-8x7B's 14336): refused here, at load time, instead.
-        return (f"{kernel} takes moe_intermediate up to {SM90_MAX_INTERMEDIATE} (DeepGEMM's SM90 MegaMoE: "
-                f"intermediate / 64 <= 64), got {shape.intermediate}")
-    if kernel == SM100 and shape.hidden % 512:
-        return f"{kernel} needs hidden size a multiple of 512 (its pre-dispatch), got {shape.hidden}"
-    return _api(kernel)[1]
-
-
-def kernel_for(shape: LayerShape) -> tuple[str | None, str]:
-    """The DeepGEMM kernel for this layer on its device, or (None, why not)."""
-    kernel, why = pick(FAMILY, shape)
-    return (None, why) if kernel is None or why else (kernel.name, "")
-
-
-def recipe_problem(kernel: str, recipe: str) -> str:
-    """Why the installed deep_gemm cannot run `recipe` (one of those `kernel` runs, which the caller
-    checked) on `kernel` ("" when it can).
-
-    The w4a4 recipe needs a release whose buffer takes `mma_type` and whose pre-dispatch can
-    stage FP4 activations (`mma_type`, or 0.1.5's `use_fp4_acts`).
-    """
-    if recipes.recipe(recipe).activation != "mxfp4":
-        return ""
-    api, why = _api(kernel)
-    if api is None:
-        return why
-    missing = []
-    if not api.accepts("buffer", "mma_type"):
-        missing.append("get_symm_buffer_for_mega_moe(mma_type=...)")
-    if not (api.accepts("pre_dispatch", "mma_type") or api.accepts("pre_dispatch", "use_fp4_acts")):
-        missing.append("mega_moe_pre_dispatch(mma_type=... or use_fp4_acts=...)")
-    if missing:
-        return (f"recipe {recipe!r} (w4a4, mma_type {recipes.recipe(recipe).mma_type!r}) needs "
-                f"{' and '.join(missing)}, "
-                f"which {api.version} lacks; use recipe 'fp8_fp4' or an sgl-deep-gemm release with FP4 activations")
-    return ""
-
-
-def layout_weights(kernel: str, weights: KernelWeights, recipe: str | None = None) -> KernelWeights:
-    """Lay recipe-format weights (plain [gate; up]) out for `kernel`. Once per layer, at load time.
-
-    SM90: FP8 [E, 2I, H] + float32 [E, 2I/128, H/128] and FP8 [E, H, I] + float32 [E, H/128, I/128]
-    -> gate/up rows interleaved by DeepGEMM, scales unchanged.
-    SM100: MXFP4 int8 [E, 2I, H/2] + UE8M0 uint8 [E, 2I, H/32] (and w2 alike) -> scales as float32
-    powers of two through `transform_sf_into_required_layout` (packed int32, MN-major), then
-    `transform_weights_for_mega_moe` (interleave gate/up, transpose scales for UTCCP) for the
-    recipe's `mma_type`: releases that take it interleave gate/up differently for FP4
-    activations; 0.1.x has one layout for both modes and takes none.
-    The result stays on the weights' device.
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"megamoe: layout_weights: unknown DeepGEMM kernel {kernel!r}; one of {list(KERNELS)}")
-    recipe = _kernel_recipe(kernel, recipe)
-    api = _require_api(kernel)
-    w1, s1, w2, s2 = weights.w1, weights.w1_scale, weights.w2, weights.w2_scale
-    if s1 is None or s2 is None:
-        raise ValueError(f"megamoe: {kernel} needs scaled weights (recipe {get_kernel(kernel).default!r}); got no "
-                         "scales")
-    num_experts, two_i = w1.shape[0], w1.shape[1]
-    if kernel == SM90:
-        _expect_dtype(kernel, "w1", w1, torch.float8_e4m3fn)
-        _expect_dtype(kernel, "w2", w2, torch.float8_e4m3fn)
-        l1, l2 = (w1.contiguous(), s1.float().contiguous()), (w2.contiguous(), s2.float().contiguous())
-        (w1, s1), (w2, s2) = api.call("transform_weights", l1, l2)
-        return KernelWeights(w1, s1, w2, s2)
-    _expect_dtype(kernel, "w1", w1, torch.int8)
-    _expect_dtype(kernel, "w2", w2, torch.int8)
-    hidden, intermediate = w1.shape[2] * 2, two_i // 2
-    sf1 = api.call("transform_sf", e8m0_to_float32(s1), two_i, hidden, recipe=(1, 32), num_groups=num_experts)
-    sf2 = api.call("transform_sf", e8m0_to_float32(s2), hidden, intermediate, recipe=(1, 32), num_groups=num_experts)
-    (w1, sf1), (w2, sf2) = api.call("transform_weights", (w1.contiguous(), sf1), (w2.contiguous(), sf2),
-                                    mma_type=recipes.recipe(recipe).mma_type)
-    return KernelWeights(w1, sf1, w2, sf2)
-
-
-def _kernel_recipe(kernel: str, recipe: str | None) -> str:
-    """`recipe` (None: the kernel's default), refused unless `kernel` runs it."""
-    k = get_kernel(kernel)
-    recipe = recipe or k.default
-    if recipe not in k.recipes:
-        raise ValueError(f"megamoe: {kernel} supports recipes {list(k.recipes)}, not {recipe!r}")
-    return recipe
-
-
-def e8m0_to_float32(e: torch.Tensor) -> torch.Tensor:
-    """UE8M0 exponent bytes -> float32 2^(e - 127), bit-exact (the form DeepGEMM's packers read)."""
-    if e.dtype == torch.float32:
-        return e.contiguous()
-    found = quant.e8m0_bytes(e)
-    if found is None:
-        raise ValueError(f"megamoe: UE8M0 scales must be uint8 exponent bytes, got {e.dtype}")
-    return (found.to(torch.int32) << 23).view(torch.float32).contiguous()
-
-
-def _expect_dtype(kernel: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
-    if t.dtype != dtype:
-        raise ValueError(f"megamoe: {kernel} needs {name} in {dtype} (recipe {get_kernel(kernel).default!r}), "
-                         f"got {t.dtype}")
-
-
 # -- symmetric buffers ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -361,68 +238,41 @@ class BufferKey:
                 self.intermediate, self.recipe)
 
 
-_BUFFERS: dict[BufferKey, Any] = {}
+class SymmetricBuffers:
+    """One kernel's symmetric buffers in this process, keyed by `BufferKey`: reserved at load time
+    (`DeepGemmKernel.reserve`, which prepare calls) and read by every call (`DeepGemmKernel.run`).
 
+    A buffer holds no weights, only a call's staged activations and routing, and is a collective
+    allocation over a process group (like the group's communicator): process state, not model
+    state, shared by every layer and every model of its shape. `version` changes whenever the set
+    changes, so that launch plans made over an older set are made again."""
 
-def reserve_buffer(kernel: str, shape: LayerShape, max_tokens_per_rank: int, group=None, recipe: str | None = None):
-    """Allocate (once) the symmetric buffer `kernel` needs for layers of `shape`.
+    def __init__(self):
+        self._table: dict[BufferKey, Any] = {}
+        self.version = 0
 
-    Load-time step (`prepare` calls it for every DeepGEMM layer): a collective over `group`
-    (default: a private world-size-1 group on the experts' GPU), so it must happen before any
-    CUDA-graph capture and on every rank alike. Layers of the same shape (and recipe) share one
-    buffer. Returns the buffer; None for kernels that need none (the reference kernel).
-    """
-    if kernel not in KERNELS:
-        return None
-    recipe = _kernel_recipe(kernel, recipe)
-    if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
-        raise ValueError(f"megamoe: max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
-    group_name = "" if group is None else groups.register(group)
-    group = groups.resolve(group_name, shape.device)
-    key = BufferKey(group_name, groups.device_index(shape.device), kernel, shape.num_experts * group.size(),
-                    shape.top_k, shape.hidden, shape.intermediate, max_tokens_per_rank, recipe)
-    return _allocate(key, group)
+    def get(self, key: BufferKey):
+        return self._table.get(key)
 
+    def add(self, key: BufferKey, buffer: Any) -> None:
+        self._table[key] = buffer
+        self.version += 1
 
-def _allocate(key: BufferKey, group):
-    buffer = _BUFFERS.get(key)
-    if buffer is not None:
-        return buffer
-    api = _require_api(key.kernel)
-    args = (group, key.num_experts, key.max_tokens, key.top_k, key.hidden, key.intermediate)
-    kwargs = {"mma_type": recipes.recipe(key.recipe).mma_type} if key.kernel == SM100 else {}
-    with _on_device(key.device_index):
-        try:
-            buffer = api.call("buffer", *args, **kwargs)
-        except Exception as e:
-            raise RuntimeError(f"megamoe: {key.kernel}: allocating the symmetric buffer for {key} failed with "
-                               f"{api.version}: {type(e).__name__}: {e}") from e
-    _BUFFERS[key] = buffer
-    _buffers_changed()
-    log.info("megamoe: reserved %s symmetric buffer %s (%.1f MiB)", key.kernel, key, _buffer_bytes(buffer) / 2**20)
-    return buffer
+    def of_shape(self, wanted: BufferKey) -> list[tuple[int, Any]]:
+        """(max tokens, buffer) of every buffer of `wanted`'s shape, ascending."""
+        return sorted(((k.max_tokens, b) for k, b in self._table.items() if k.shape() == wanted.shape()),
+                      key=lambda kb: kb[0])
 
+    def items(self):
+        return self._table.items()
 
-def buffers() -> dict[BufferKey, Any]:
-    """The symmetric buffers reserved so far (for reports and tests)."""
-    return dict(_BUFFERS)
-
-
-def release_buffers() -> None:
-    """Drop every symmetric buffer (call on every rank, after the last kernel call, before the
-    process groups go). Graphs captured over them must not be replayed afterwards."""
-    for buffer in _BUFFERS.values():
-        destroy = getattr(buffer, "destroy", None)
-        if callable(destroy):
-            destroy()
-    _BUFFERS.clear()
-    _buffers_changed()
-
-
-def _buffers_changed() -> None:
-    global _buffers_version
-    _buffers_version += 1
-    _LAUNCHES.clear()
+    def release(self) -> None:
+        for buffer in self._table.values():
+            destroy = getattr(buffer, "destroy", None)
+            if callable(destroy):
+                destroy()
+        self._table.clear()
+        self.version += 1
 
 
 def _buffer_bytes(buffer) -> int:
@@ -434,29 +284,6 @@ def _on_device(device_index: int):
     return torch.cuda.device(device_index) if device_index >= 0 else contextlib.nullcontext()
 
 
-def _buffers_of_shape(kernel: str, group_name: str, group, x: torch.Tensor, num_local_experts: int,
-                      top_k: int, intermediate: int, recipe: str) -> list[tuple[int, Any]]:
-    """(max tokens, buffer) of every buffer reserved for this layer shape, ascending; reserves one
-    now (with a warning) if prepare reserved none, which cannot happen during CUDA-graph capture."""
-    tokens, hidden = x.shape
-    wanted = BufferKey(group_name, groups.device_index(x.device), kernel, num_local_experts * group.size(), top_k,
-                       hidden, intermediate, 0, recipe)
-    fitting = sorted(((k.max_tokens, b) for k, b in _BUFFERS.items() if k.shape() == wanted.shape()),
-                     key=lambda kb: kb[0])
-    if fitting:
-        return fitting
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"megamoe: {kernel}: no symmetric buffer was reserved for experts={wanted.num_experts} top_k={top_k} "
-            f"hidden={hidden} intermediate={intermediate} recipe={recipe}, and one cannot be allocated during "
-            f"CUDA-graph capture; run megamoe_compile.prepare(model) (or ops.deepgemm.reserve_buffer) first")
-    max_tokens = max(tokens, DEFAULT_MAX_TOKENS_PER_RANK)
-    log.warning("megamoe: %s: no symmetric buffer reserved for this shape; allocating one for %d tokens "
-                "now. prepare() should reserve it at load time.", kernel, max_tokens)
-    key = dataclasses.replace(wanted, max_tokens=max_tokens)
-    return [(max_tokens, _allocate(key, group))]
-
-
 # -- the kernels ------------------------------------------------------------------------------
 
 @dataclass
@@ -464,7 +291,7 @@ class _Launch:
     """Everything a call of one layer shape needs, resolved once (the per-call Python is then a
     few attribute reads: at 1 token without CUDA graphs, host time is the whole cost)."""
 
-    version: int  # of _BUFFERS when made
+    version: int  # of the kernel's buffers when made
     kernel: str
     buffers: list[tuple[int, Any]]  # (max tokens, buffer), ascending
     pre_dispatch: Any
@@ -484,102 +311,6 @@ class _Launch:
             f"MegaMoEConfig.max_tokens_per_rank and prepare the model again, or split the batch.")
 
 
-_LAUNCHES: dict[tuple, _Launch] = {}
-_buffers_version = 0
-
-
-def _launch_for(kernel: str, recipe: str, x: torch.Tensor, num_local_experts: int, top_k: int,
-                intermediate: int, routed_scaling_factor: float, swiglu_limit: float | None,
-                group_name: str) -> _Launch:
-    key = (kernel, recipe, group_name, x.device, num_local_experts, top_k, x.shape[1], intermediate,
-           routed_scaling_factor, swiglu_limit)
-    launch = _LAUNCHES.get(key)
-    if launch is not None and launch.version == _buffers_version:
-        return launch
-    api = _require_api(kernel)
-    group = groups.resolve(group_name, x.device)
-    buffers = _buffers_of_shape(kernel, group_name, group, x, num_local_experts, top_k, intermediate, recipe)
-    r = recipes.recipe(recipe)
-    pre_kwargs = {"group_size": r.act_group}
-    if kernel == SM100:  # newer releases take the MMA type, 0.1.x a flag for FP4 activations
-        if api.accepts("pre_dispatch", "mma_type"):
-            pre_kwargs["mma_type"] = r.mma_type
-        elif r.activation == "mxfp4":
-            if not api.accepts("pre_dispatch", "use_fp4_acts"):
-                raise RuntimeError(f"megamoe: {kernel}: {recipe_problem(kernel, recipe)}")
-            pre_kwargs["use_fp4_acts"] = True
-    scale_weights = None
-    if api.accepts("pre_dispatch", "routed_scaling_factor"):
-        pre_kwargs["routed_scaling_factor"] = float(routed_scaling_factor)
-    elif routed_scaling_factor != 1.0:
-        scale_weights = float(routed_scaling_factor)
-    pre_kwargs = _accepted(api.fns["pre_dispatch"], pre_kwargs)
-    mega_kwargs = _accepted(api.fns["kernel"], {
-        "recipe": DG_RECIPE[kernel], "activation": "swiglu",
-        "activation_clamp": None if swiglu_limit is None else float(swiglu_limit), "fast_math": True})
-    launch = _Launch(_buffers_version, kernel, buffers, api.fns["pre_dispatch"], pre_kwargs, scale_weights,
-                     api.fns["kernel"], mega_kwargs)
-    _LAUNCHES[key] = launch
-    return launch
-
-
-def warm_up(kernel: str, weights: KernelWeights, shape: LayerShape, recipe: str, swiglu_limit: float | None,
-            group_name: str) -> None:
-    """One 1-token launch with a layer's kernel-ready weights, at load time (prepare calls it after
-    reserving the buffer; with expert parallelism every rank does, in the same order). DeepGEMM
-    compiles its kernels on first use and may allocate there: done inside a CUDA-graph capture
-    (transformers' first decode step under reduce-overhead), such an allocation lands in the
-    graph's memory pool and cudagraph trees refuse the capture."""
-    device = weights.w1.device
-    x = torch.zeros(1, shape.hidden, dtype=torch.bfloat16, device=device)
-    topk_idx = torch.arange(shape.top_k, dtype=torch.int32, device=device).view(1, -1)
-    topk_weights = torch.full((1, shape.top_k), 1.0 / shape.top_k, dtype=torch.float32, device=device)
-    _run(kernel, x, topk_idx, topk_weights, weights.w1, weights.w1_scale, weights.w2, weights.w2_scale, recipe=recipe,
-         routed_scaling_factor=1.0, swiglu_limit=swiglu_limit, group_name=group_name)
-    torch.cuda.synchronize(device)
-
-
-def _run(kernel: str, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
-         recipe, routed_scaling_factor, swiglu_limit, group_name):
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"megamoe: {kernel} takes bfloat16 activations, got {x.dtype}")
-    if w1_scale is None or w2_scale is None:
-        raise ValueError(f"megamoe: {kernel} needs weight scales (recipe {recipe!r})")
-    tokens, hidden = x.shape
-    if tokens == 0 and not group_name:
-        return x.new_empty((0, hidden))
-    # With expert parallelism a rank without tokens still launches: the other ranks' tokens may
-    # be routed to its experts, and every rank synchronises through the buffer.
-    launch = _launch_for(kernel, recipe, x, w1.shape[0], topk_idx.shape[1], w1.shape[1] // 2,
-                         routed_scaling_factor, swiglu_limit, group_name)
-    buffer = launch.buffer(tokens)  # raises before any launch when the tokens do not fit
-    x = x.contiguous()
-    topk_idx = topk_idx.contiguous()
-    topk_weights = topk_weights.contiguous()
-    if launch.scale_weights is not None:
-        topk_weights = topk_weights * launch.scale_weights
-    launch.pre_dispatch(x, topk_idx, topk_weights, buffer.x, buffer.x_sf, buffer.topk_idx, buffer.topk_weights,
-                        num_tokens=tokens, **launch.pre_kwargs)
-    y = torch.empty((tokens, hidden), dtype=torch.bfloat16, device=x.device)
-    launch.mega(y, (w1, w1_scale), (w2, w2_scale), buffer, **launch.mega_kwargs)
-    return y
-
-
-def deepgemm_sm90(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
-                  recipe, routed_scaling_factor, swiglu_limit, group_name):
-    """Hopper: pre-dispatch (FP8 1x128 activations, routed scaling folded) + `fp8_mega_moe`."""
-    return _run(SM90, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
-                routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit, group_name=group_name)
-
-
-def deepgemm_sm100(x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
-                   recipe, routed_scaling_factor, swiglu_limit, group_name):
-    """Blackwell: pre-dispatch (FP8, or with recipe "fp4_fp4" MXFP4, 1x32 UE8M0 activations) +
-    `fp8_fp4_mega_moe` on MXFP4 weights."""
-    return _run(SM100, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, recipe=recipe,
-                routed_scaling_factor=routed_scaling_factor, swiglu_limit=swiglu_limit, group_name=group_name)
-
-
 # Said when a recipe with FP4 weights is asked of the Hopper kernel.
 _NO_FP4_ON_HOPPER = ("; Hopper has no FP4 tensor cores (its kernel expands FP4 weights to 'fp8'); "
                      "kernel='reference' emulates this recipe on any device")
@@ -587,41 +318,301 @@ _NO_FP4_ON_HOPPER = ("; Hopper has no FP4 tensor cores (its kernel expands FP4 w
 
 @dataclass(frozen=True, eq=False)
 class DeepGemmKernel(Kernel):
-    """A DeepGEMM mega kernel: its checks, weight layout, buffers and warm-up are this module's
-    functions of the kernel's name (SM90 and SM100 share them)."""
+    """A DeepGEMM mega kernel: pre-dispatch (stage activations and routing into the symmetric
+    buffer) + one mega kernel call. What SM90 and SM100 share is here; `DeepGemmSM90` and
+    `DeepGemmSM100` add their shape limits, weight layout and pre-dispatch arguments. Each kernel
+    owns its symmetric buffers and launch plans (process state, see `SymmetricBuffers`)."""
 
     family: str = FAMILY
     auto_on: tuple[str, ...] = ("cuda",)
     activation_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
+    capability: int = 0  # the GPU major version it runs on
+    buffers: SymmetricBuffers = field(default_factory=SymmetricBuffers, repr=False)
+    launches: dict[tuple, _Launch] = field(default_factory=dict, repr=False)
+
+    # -- what it can take (load time) -------------------------------------------------------------
+
+    def api(self) -> _Api:
+        return _require_api(self.name)
 
     def device_problem(self, device: torch.device) -> str:
-        return _device_problem(self.name, device)
+        if device.type != "cuda":
+            return f"DeepGEMM kernels need a CUDA GPU; the experts are on {device}"
+        if not torch.cuda.is_available():
+            return "DeepGEMM kernels need a CUDA GPU; torch.cuda.is_available() is False"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major != self.capability:
+            return (f"DeepGEMM MegaMoE needs sm_90 (Hopper) or sm_100 (Blackwell); "
+                    f"this GPU is sm_{major}{minor}")
+        return ""
 
     def shape_problem(self, shape: LayerShape) -> str:
-        return _shape_problem(self.name, shape)
+        """On a device it runs on and in bfloat16: the sizes DeepGEMM takes, then the library."""
+        for dim, size in (("hidden", shape.hidden), ("moe_intermediate", shape.intermediate)):
+            if size % 128:
+                return f"{self.name} needs {dim} size a multiple of 128, got {size}"
+        return self.size_limit_problem(shape) or _api(self.name)[1]
+
+    def size_limit_problem(self, shape: LayerShape) -> str:
+        """This kernel's own limits on the sizes (multiples of 128 already)."""
+        return ""
 
     def library_problem(self, recipe: str) -> str:
-        return recipe_problem(self.name, recipe)
+        """Why the installed deep_gemm cannot run `recipe` (one this kernel runs) ("" when it can)."""
+        return ""
+
+    def checked_recipe(self, recipe: str | None) -> str:
+        """`recipe` (None: the default), refused unless this kernel runs it."""
+        recipe = recipe or self.default
+        if recipe not in self.recipes:
+            raise ValueError(f"megamoe: {self.name} supports recipes {list(self.recipes)}, not {recipe!r}")
+        return recipe
+
+    # -- what it needs before the first call (load time) -----------------------------------------------
 
     def layout(self, weights: KernelWeights, recipe: str) -> KernelWeights:
-        return layout_weights(self.name, weights, recipe)
+        """Lay recipe-format weights (plain [gate; up]) out for this kernel. Once per layer, at load
+        time; the result stays on the weights' device."""
+        recipe = self.checked_recipe(recipe)
+        if weights.w1_scale is None or weights.w2_scale is None:
+            raise ValueError(f"megamoe: {self.name} needs scaled weights (recipe {self.default!r}); got no scales")
+        return self._layout(self.api(), weights, recipe)
 
-    def reserve(self, shape: LayerShape, max_tokens_per_rank: int, group: Any, recipe: str) -> Any:
-        return reserve_buffer(self.name, shape, max_tokens_per_rank, group, recipe)
+    def _layout(self, api: _Api, weights: KernelWeights, recipe: str) -> KernelWeights:
+        raise NotImplementedError
+
+    def reserve(self, shape: LayerShape, max_tokens_per_rank: int, group: Any = None, recipe: str | None = None):
+        """Allocate (once) the symmetric buffer for layers of `shape`.
+
+        Load-time step (`prepare` calls it for every DeepGEMM layer): a collective over `group`
+        (default: a private world-size-1 group on the experts' GPU), so it must happen before any
+        CUDA-graph capture and on every rank alike. Layers of the same shape (and recipe) share one
+        buffer. Returns the buffer.
+        """
+        recipe = self.checked_recipe(recipe)
+        if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
+            raise ValueError(f"megamoe: max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
+        group_name = "" if group is None else groups.register(group)
+        group = groups.resolve(group_name, shape.device)
+        key = BufferKey(group_name, groups.device_index(shape.device), self.name, shape.num_experts * group.size(),
+                        shape.top_k, shape.hidden, shape.intermediate, max_tokens_per_rank, recipe)
+        return self._allocate(key, group)
+
+    def _buffer_kwargs(self, recipe: str) -> dict[str, Any]:
+        return {}
+
+    def _allocate(self, key: BufferKey, group):
+        buffer = self.buffers.get(key)
+        if buffer is not None:
+            return buffer
+        api = self.api()
+        args = (group, key.num_experts, key.max_tokens, key.top_k, key.hidden, key.intermediate)
+        with _on_device(key.device_index):
+            try:
+                buffer = api.call("buffer", *args, **self._buffer_kwargs(key.recipe))
+            except Exception as e:
+                raise RuntimeError(f"megamoe: {key.kernel}: allocating the symmetric buffer for {key} failed with "
+                                   f"{api.version}: {type(e).__name__}: {e}") from e
+        self.buffers.add(key, buffer)
+        self.launches.clear()
+        log.info("megamoe: reserved %s symmetric buffer %s (%.1f MiB)", key.kernel, key, _buffer_bytes(buffer) / 2**20)
+        return buffer
 
     def warm_up(self, weights: KernelWeights, shape: LayerShape, recipe: str, swiglu_limit: float | None,
                 group_name: str) -> None:
-        return warm_up(self.name, weights, shape, recipe, swiglu_limit, group_name)
+        """One 1-token launch with a layer's kernel-ready weights, at load time (prepare calls it
+        after reserving the buffer; with expert parallelism every rank does, in the same order).
+        DeepGEMM compiles its kernels on first use and may allocate there: done inside a CUDA-graph
+        capture (transformers' first decode step under reduce-overhead), such an allocation lands
+        in the graph's memory pool and cudagraph trees refuse the capture."""
+        device = weights.w1.device
+        x = torch.zeros(1, shape.hidden, dtype=torch.bfloat16, device=device)
+        topk_idx = torch.arange(shape.top_k, dtype=torch.int32, device=device).view(1, -1)
+        topk_weights = torch.full((1, shape.top_k), 1.0 / shape.top_k, dtype=torch.float32, device=device)
+        self.run(x, topk_idx, topk_weights, weights.w1, weights.w1_scale, weights.w2, weights.w2_scale, recipe=recipe,
+                 routed_scaling_factor=1.0, swiglu_limit=swiglu_limit, group_name=group_name)
+        torch.cuda.synchronize(device)
+
+    # -- what it computes -----------------------------------------------------------------------------
+
+    def run(self, x, topk_idx, topk_weights, w1, w1_scale, w2, w2_scale, *,
+            recipe, routed_scaling_factor, swiglu_limit, group_name):
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"megamoe: {self.name} takes bfloat16 activations, got {x.dtype}")
+        if w1_scale is None or w2_scale is None:
+            raise ValueError(f"megamoe: {self.name} needs weight scales (recipe {recipe!r})")
+        tokens, hidden = x.shape
+        if tokens == 0 and not group_name:
+            return x.new_empty((0, hidden))
+        # With expert parallelism a rank without tokens still launches: the other ranks' tokens may
+        # be routed to its experts, and every rank synchronises through the buffer.
+        launch = self._launch_for(recipe, x, w1.shape[0], topk_idx.shape[1], w1.shape[1] // 2,
+                                  routed_scaling_factor, swiglu_limit, group_name)
+        buffer = launch.buffer(tokens)  # raises before any launch when the tokens do not fit
+        x = x.contiguous()
+        topk_idx = topk_idx.contiguous()
+        topk_weights = topk_weights.contiguous()
+        if launch.scale_weights is not None:
+            topk_weights = topk_weights * launch.scale_weights
+        launch.pre_dispatch(x, topk_idx, topk_weights, buffer.x, buffer.x_sf, buffer.topk_idx, buffer.topk_weights,
+                            num_tokens=tokens, **launch.pre_kwargs)
+        y = torch.empty((tokens, hidden), dtype=torch.bfloat16, device=x.device)
+        launch.mega(y, (w1, w1_scale), (w2, w2_scale), buffer, **launch.mega_kwargs)
+        return y
+
+    def _pre_dispatch_kwargs(self, api: _Api, recipe: str) -> dict[str, Any]:
+        return {"group_size": recipes.recipe(recipe).act_group}
+
+    def _launch_for(self, recipe: str, x: torch.Tensor, num_local_experts: int, top_k: int, intermediate: int,
+                    routed_scaling_factor: float, swiglu_limit: float | None, group_name: str) -> _Launch:
+        key = (recipe, group_name, x.device, num_local_experts, top_k, x.shape[1], intermediate,
+               routed_scaling_factor, swiglu_limit)
+        launch = self.launches.get(key)
+        if launch is not None and launch.version == self.buffers.version:
+            return launch
+        api = self.api()
+        group = groups.resolve(group_name, x.device)
+        buffers = self._buffers_for_call(group_name, group, x, num_local_experts, top_k, intermediate, recipe)
+        pre_kwargs = self._pre_dispatch_kwargs(api, recipe)
+        scale_weights = None
+        if api.accepts("pre_dispatch", "routed_scaling_factor"):
+            pre_kwargs["routed_scaling_factor"] = float(routed_scaling_factor)
+        elif routed_scaling_factor != 1.0:
+            scale_weights = float(routed_scaling_factor)
+        pre_kwargs = _accepted(api.fns["pre_dispatch"], pre_kwargs)
+        mega_kwargs = _accepted(api.fns["kernel"], {
+            "recipe": DG_RECIPE[self.name], "activation": "swiglu",
+            "activation_clamp": None if swiglu_limit is None else float(swiglu_limit), "fast_math": True})
+        launch = _Launch(self.buffers.version, self.name, buffers, api.fns["pre_dispatch"], pre_kwargs, scale_weights,
+                         api.fns["kernel"], mega_kwargs)
+        self.launches[key] = launch
+        return launch
+
+    def _buffers_for_call(self, group_name: str, group, x: torch.Tensor, num_local_experts: int, top_k: int,
+                          intermediate: int, recipe: str) -> list[tuple[int, Any]]:
+        """(max tokens, buffer) of every buffer reserved for this layer shape, ascending; reserves one
+        now (with a warning) if prepare reserved none, which cannot happen during CUDA-graph capture."""
+        tokens, hidden = x.shape
+        wanted = BufferKey(group_name, groups.device_index(x.device), self.name, num_local_experts * group.size(),
+                           top_k, hidden, intermediate, 0, recipe)
+        fitting = self.buffers.of_shape(wanted)
+        if fitting:
+            return fitting
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"megamoe: {self.name}: no symmetric buffer was reserved for experts={wanted.num_experts} "
+                f"top_k={top_k} hidden={hidden} intermediate={intermediate} recipe={recipe}, and one cannot be "
+                f"allocated during CUDA-graph capture; run megamoe_compile.prepare(model) (or "
+                f"ops.deepgemm.reserve_buffer) first")
+        max_tokens = max(tokens, DEFAULT_MAX_TOKENS_PER_RANK)
+        log.warning("megamoe: %s: no symmetric buffer reserved for this shape; allocating one for %d tokens "
+                    "now. prepare() should reserve it at load time.", self.name, max_tokens)
+        key = dataclasses.replace(wanted, max_tokens=max_tokens)
+        return [(max_tokens, self._allocate(key, group))]
 
 
+@dataclass(frozen=True, eq=False)
 class DeepGemmSM90(DeepGemmKernel):
-    def run(self, *args, **kwargs) -> torch.Tensor:
-        return deepgemm_sm90(*args, **kwargs)
+    """Hopper: pre-dispatch (FP8 1x128 activations, routed scaling folded) + `fp8_mega_moe` on FP8
+    128x128-block weights."""
+
+    capability: int = 9
+
+    def size_limit_problem(self, shape: LayerShape) -> str:
+        if shape.intermediate > SM90_MAX_INTERMEDIATE:
+            # sgl-deep-gemm 0.1.5 asserts `intermediate_hidden / 64 <= 64` at its first launch (measured
+            # on an H200 with Mixtral-8x7B's 14336): refused here, at load time, instead.
+            return (f"{self.name} takes moe_intermediate up to {SM90_MAX_INTERMEDIATE} (DeepGEMM's SM90 MegaMoE: "
+                    f"intermediate / 64 <= 64), got {shape.intermediate}")
+        return ""
+
+    def _layout(self, api: _Api, weights: KernelWeights, recipe: str) -> KernelWeights:
+        """FP8 [E, 2I, H] + float32 [E, 2I/128, H/128] and FP8 [E, H, I] + float32 [E, H/128, I/128]
+        -> gate/up rows interleaved by DeepGEMM, scales unchanged."""
+        _expect_dtype(self, "w1", weights.w1, torch.float8_e4m3fn)
+        _expect_dtype(self, "w2", weights.w2, torch.float8_e4m3fn)
+        l1 = (weights.w1.contiguous(), weights.w1_scale.float().contiguous())
+        l2 = (weights.w2.contiguous(), weights.w2_scale.float().contiguous())
+        (w1, s1), (w2, s2) = api.call("transform_weights", l1, l2)
+        return KernelWeights(w1, s1, w2, s2)
 
 
+@dataclass(frozen=True, eq=False)
 class DeepGemmSM100(DeepGemmKernel):
-    def run(self, *args, **kwargs) -> torch.Tensor:
-        return deepgemm_sm100(*args, **kwargs)
+    """Blackwell: pre-dispatch (FP8, or with recipe "fp4_fp4" MXFP4, 1x32 UE8M0 activations) +
+    `fp8_fp4_mega_moe` on MXFP4 weights. The recipe's MMA type goes alike to the buffer, the weight
+    transform and the pre-dispatch (the buffer's token slots, the L1 gate/up interleave and the
+    activation format all depend on it)."""
+
+    capability: int = 10
+
+    def size_limit_problem(self, shape: LayerShape) -> str:
+        if shape.hidden % 512:
+            return f"{self.name} needs hidden size a multiple of 512 (its pre-dispatch), got {shape.hidden}"
+        return ""
+
+    def library_problem(self, recipe: str) -> str:
+        """The w4a4 recipe needs a release whose buffer takes `mma_type` and whose pre-dispatch can
+        stage FP4 activations (`mma_type`, or 0.1.5's `use_fp4_acts`)."""
+        if recipes.recipe(recipe).activation != "mxfp4":
+            return ""
+        api, why = _api(self.name)
+        if api is None:
+            return why
+        missing = []
+        if not api.accepts("buffer", "mma_type"):
+            missing.append("get_symm_buffer_for_mega_moe(mma_type=...)")
+        if not (api.accepts("pre_dispatch", "mma_type") or api.accepts("pre_dispatch", "use_fp4_acts")):
+            missing.append("mega_moe_pre_dispatch(mma_type=... or use_fp4_acts=...)")
+        if missing:
+            return (f"recipe {recipe!r} (w4a4, mma_type {recipes.recipe(recipe).mma_type!r}) needs "
+                    f"{' and '.join(missing)}, which {api.version} lacks; use recipe 'fp8_fp4' or an sgl-deep-gemm "
+                    "release with FP4 activations")
+        return ""
+
+    def _layout(self, api: _Api, weights: KernelWeights, recipe: str) -> KernelWeights:
+        """MXFP4 int8 [E, 2I, H/2] + UE8M0 uint8 [E, 2I, H/32] (and w2 alike) -> scales as float32
+        powers of two through `transform_sf_into_required_layout` (packed int32, MN-major), then
+        `transform_weights_for_mega_moe` (interleave gate/up, transpose scales for UTCCP) for the
+        recipe's `mma_type`: releases that take it interleave gate/up differently for FP4
+        activations; 0.1.x has one layout for both modes and takes none."""
+        w1, s1, w2, s2 = weights.w1, weights.w1_scale, weights.w2, weights.w2_scale
+        _expect_dtype(self, "w1", w1, torch.int8)
+        _expect_dtype(self, "w2", w2, torch.int8)
+        num_experts, two_i = w1.shape[0], w1.shape[1]
+        hidden, intermediate = w1.shape[2] * 2, two_i // 2
+        sf1 = api.call("transform_sf", e8m0_to_float32(s1), two_i, hidden, recipe=(1, 32), num_groups=num_experts)
+        sf2 = api.call("transform_sf", e8m0_to_float32(s2), hidden, intermediate, recipe=(1, 32),
+                       num_groups=num_experts)
+        (w1, sf1), (w2, sf2) = api.call("transform_weights", (w1.contiguous(), sf1), (w2.contiguous(), sf2),
+                                        mma_type=recipes.recipe(recipe).mma_type)
+        return KernelWeights(w1, sf1, w2, sf2)
+
+    def _buffer_kwargs(self, recipe: str) -> dict[str, Any]:
+        return {"mma_type": recipes.recipe(recipe).mma_type}
+
+    def _pre_dispatch_kwargs(self, api: _Api, recipe: str) -> dict[str, Any]:
+        # Newer releases take the MMA type, 0.1.x a flag for FP4 activations.
+        kwargs = super()._pre_dispatch_kwargs(api, recipe)
+        r = recipes.recipe(recipe)
+        if api.accepts("pre_dispatch", "mma_type"):
+            kwargs["mma_type"] = r.mma_type
+        elif r.activation == "mxfp4":
+            if not api.accepts("pre_dispatch", "use_fp4_acts"):
+                raise RuntimeError(f"megamoe: {self.name}: {self.library_problem(recipe)}")
+            kwargs["use_fp4_acts"] = True
+        return kwargs
+
+
+def e8m0_to_float32(e: torch.Tensor) -> torch.Tensor:
+    """UE8M0 scales as the float32 powers of two DeepGEMM's packers read (their exponent field is
+    the byte); float32 scales pass through."""
+    return (e if e.dtype == torch.float32 else quant.e8m0_to_float(e)).contiguous()
+
+
+def _expect_dtype(kernel: DeepGemmKernel, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise ValueError(f"megamoe: {kernel.name} needs {name} in {dtype} (recipe {kernel.default!r}), got {t.dtype}")
 
 
 # In order of preference: the family's first kernel that runs on a layer's device takes it.
@@ -629,3 +620,49 @@ class DeepGemmSM100(DeepGemmKernel):
 register(DeepGemmSM90(SM90, ("fp8",), default="fp8", plain_scales=True,
                       hints={r.name: _NO_FP4_ON_HOPPER for r in recipes.RECIPES.values() if r.values_per_byte == 2}))
 register(DeepGemmSM100(SM100, ("fp8_fp4", "fp4_fp4"), default="fp8_fp4", plain_scales=False))
+
+
+# -- the module's small API (tests, benchmarks, users reserving ahead of prepare) ----------------
+
+def _kernel(name: str) -> DeepGemmKernel:
+    if name not in KERNELS:
+        raise ValueError(f"megamoe: unknown DeepGEMM kernel {name!r}; one of {list(KERNELS)}")
+    return get_kernel(name)
+
+
+def kernel_for(shape: LayerShape) -> tuple[str | None, str]:
+    """The DeepGEMM kernel for this layer on its device, or (None, why not)."""
+    kernel, why = pick(FAMILY, shape)
+    return (None, why) if kernel is None or why else (kernel.name, "")
+
+
+def recipe_problem(kernel: str, recipe: str) -> str:
+    """Why the installed deep_gemm cannot run `recipe` on `kernel` ("" when it can)."""
+    return _kernel(kernel).library_problem(recipe)
+
+
+def layout_weights(kernel: str, weights: KernelWeights, recipe: str | None = None) -> KernelWeights:
+    """`weights` (the recipe's plain layout) laid out for `kernel` (see its `_layout`)."""
+    k = _kernel(kernel)
+    return k.layout(weights, k.checked_recipe(recipe))
+
+
+def reserve_buffer(kernel: str, shape: LayerShape, max_tokens_per_rank: int, group=None, recipe: str | None = None):
+    """`kernel`'s symmetric buffer for layers of `shape` (see `DeepGemmKernel.reserve`); None for
+    kernels that need none (the reference kernel)."""
+    if kernel not in KERNELS:
+        return None
+    return _kernel(kernel).reserve(shape, max_tokens_per_rank, group, recipe)
+
+
+def buffers() -> dict[BufferKey, Any]:
+    """The symmetric buffers reserved so far, every DeepGEMM kernel's (for reports and tests)."""
+    return {key: buffer for name in KERNELS for key, buffer in _kernel(name).buffers.items()}
+
+
+def release_buffers() -> None:
+    """Drop every symmetric buffer (call on every rank, after the last kernel call, before the
+    process groups go). Graphs captured over them must not be replayed afterwards."""
+    for name in KERNELS:
+        _kernel(name).buffers.release()
+        _kernel(name).launches.clear()

@@ -292,37 +292,33 @@ def fake_quantize_fp8_groups(
 # --------------------------------------------------------------------------- MXFP4
 
 
-def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
-    """Decode E8M0 (UE8M0) scale bytes: 2^(e - 127), 255 -> NaN (OCP MX v1.0).
-
-    Args:
-        e: uint8 (or float8_e8m0fnu) tensor, any shape.
-
-    Returns:
-        float32, same shape. e = 0 decodes to 2^-127, a float32 subnormal, per the spec (note:
-        DeepGEMM's bit-shift decoders read byte 0 as 0.0 instead).
-    """
-    e = _as_e8m0_bytes("e8m0_to_float", "e", e).to(torch.int32)
-    # Build the float32 bits directly: exact, unlike exp2 on arbitrary devices.
-    bits = torch.where(e == 0, torch.full_like(e, 1 << 22), e << 23)  # 1 << 22 is 2^-127
-    value = bits.view(torch.float32)
-    return torch.where(e == E8M0_NAN, torch.full_like(value, float("nan")), value)
-
-
 UE8M0_DTYPES = (torch.uint8, torch.int8, torch.float8_e8m0fnu)  # how UE8M0 exponent bytes are stored
 
 
-def e8m0_bytes(e: torch.Tensor) -> torch.Tensor | None:
-    """UE8M0 exponents stored as uint8, int8 or float8_e8m0fnu, viewed as uint8 (no copy); None for
-    any other dtype. The one place that knows how UE8M0 scales are stored."""
-    return e.view(torch.uint8) if e.dtype in UE8M0_DTYPES else None
+def ue8m0_bytes(scale: torch.Tensor, fn: str = "ue8m0_bytes", name: str = "scales") -> torch.Tensor:
+    """UE8M0 scales (byte e means 2^(e - 127)) as uint8 exponent bytes: the one place that reads
+    how they are stored. uint8, int8 or torch.float8_e8m0fnu storage is viewed as bytes (no copy);
+    floating scales that are exact powers of two in the UE8M0 range are converted; anything else
+    raises (rounding another value to a power of two would silently change the weights)."""
+    if scale.dtype in UE8M0_DTYPES:
+        return scale.view(torch.uint8)
+    refused = (f"{fn}: {name} must be uint8 or float8_e8m0fnu UE8M0 exponent bytes, or floating exact powers "
+               f"of two in the UE8M0 range")
+    if not scale.is_floating_point():
+        raise ValueError(f"{refused}; got {scale.dtype}")
+    value = scale.float()
+    e = ((value.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)  # the float32 exponent field
+    if not torch.equal(e8m0_to_float(e), value):
+        raise ValueError(f"{refused}; got {scale.dtype} values that are not")
+    return e
 
 
-def _as_e8m0_bytes(fn: str, name: str, e: torch.Tensor) -> torch.Tensor:
-    found = e8m0_bytes(e) if e.dtype != torch.int8 else None
-    if found is None:
-        _check_dtype(fn, name, e, (torch.uint8, torch.float8_e8m0fnu))
-    return found
+def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
+    """Decode UE8M0 scales (any storage `ue8m0_bytes` reads): 2^(e - 127), 255 -> NaN (OCP MX v1.0),
+    through torch.float8_e8m0fnu. float32, same shape. e = 0 decodes to 2^-127, a float32 subnormal,
+    per the spec (DeepGEMM's bit-shift decoders read byte 0 as 0.0; its packers read the exponent
+    field, 0 for both)."""
+    return ue8m0_bytes(e, "e8m0_to_float", "e").view(torch.float8_e8m0fnu).float()
 
 
 def _mxfp4_exponent_bytes(amax: torch.Tensor) -> torch.Tensor:
@@ -453,7 +449,7 @@ def fake_quantize_mxfp4_activations(x: torch.Tensor, *, ties: str = "even") -> t
 def _check_mxfp4_pair(fn: str, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Validate packed [..., N, K/2] int8/uint8 + scales [..., N, K/32]; scales as uint8."""
     _check_dtype(fn, "packed", packed, (torch.int8, torch.uint8))
-    scales = _as_e8m0_bytes(fn, "scales", scales)
+    scales = ue8m0_bytes(scales, fn, "scales")
     if packed.dim() < 1 or packed.shape[-1] % (MXFP4_BLOCK // 2):
         raise ValueError(
             f"{fn}: packed last dim must be a multiple of {MXFP4_BLOCK // 2} bytes "

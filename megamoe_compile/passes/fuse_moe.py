@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .. import hf
 from .. import layer_state as state
+from .. import models
 from ..ops.fused_moe import get_kernel
 from . import patterns
 from .fx_utils import (
@@ -64,10 +64,13 @@ class LayerFusion(state.FusedPlanView):
     module_key: str = field(default="", repr=False)
     # Left unfused for a reason the user must act on (the backend warns once): stale weights.
     needs_attention: bool = field(default=False, repr=False)
+    # What a graph router (other families') computes, read from the traced ops that make the experts'
+    # ids and weights, e.g. "sigmoid+bias grouped" ("" where the experts were not matched).
+    router_kind: str = ""
 
     @property
     def layer_index(self) -> int | None:
-        return self.plan.layer_index if self.plan is not None else hf.layer_index(self.name)
+        return self.plan.layer_index if self.plan is not None else models.layer_index(self.name)
 
     @property
     def notes(self) -> list[str]:
@@ -120,7 +123,7 @@ def unprepared_moe_blocks(graph: fx.Graph) -> list[str]:
         for key, (path, cls) in (node.meta.get("nn_module_stack") or {}).items():
             if key in prepared:
                 continue
-            suffix = hf.block_part_suffix(cls)
+            suffix = models.block_part_suffix(cls)
             if suffix is None:
                 continue
             block_path = str(path)[: -len(suffix)] if suffix and str(path).endswith(suffix) else str(path)
@@ -164,10 +167,11 @@ def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module) -> LayerFusion:
                 result.needs_attention = plan.stale_seen = True
                 raise NoMatch(stale)
             found = _match(gm.graph, block, experts_key, spec)
+            result.router_kind = found.router_kind
             _check_runtime(found, spec, plan)
     except NoMatch as e:
         result.reason = str(e)
-        if hf.untested_transformers() and isinstance(e, PatternMismatch):
+        if models.untested_transformers() and isinstance(e, PatternMismatch):
             import transformers
 
             result.reason = f"not recognised for transformers {transformers.__version__} (untested release): {e}"
@@ -214,9 +218,10 @@ class _Match:
     router: dict[str, fx.Node]
     experts_region: list[fx.Node]
     swiglu_limit: object  # a float, or the graph node that holds it
+    router_kind: str = ""
 
 
-def _match(graph: fx.Graph, block, experts_key: str, spec: hf.MoESpec) -> _Match:
+def _match(graph: fx.Graph, block, experts_key: str, spec: models.MoESpec) -> _Match:
     experts_region = [n for n in region(graph, experts_key) if not _is_marker(n)]
     for node in region(graph, str(id(block))):
         if has_side_effects(node):
@@ -246,10 +251,42 @@ def _match(graph: fx.Graph, block, experts_key: str, spec: hf.MoESpec) -> _Match
         _expect(ex[patterns.WEIGHTS] is ro["scaled"], "experts do not receive the router's weights")
         _expect(ex[patterns.IDS] is ro["indices"], "experts do not receive the router's indices")
     limit = _check_experts(ex, block, spec)
-    return _Match(ex, ro, experts_region, limit)
+    router_kind = _traced_router(graph, block, ex, spec) if spec.router == "graph" else ""
+    return _Match(ex, ro, experts_region, limit, router_kind)
 
 
-def _check_router(ro: dict[str, fx.Node], block, spec: hf.MoESpec) -> None:
+_SCORING_OPS = ("softmax", "sigmoid", "softplus")
+
+
+def _traced_router(graph: fx.Graph, block, ex: dict[str, fx.Node], spec: models.MoESpec) -> str:
+    """What another family's router computes, for the report: read from the traced ops the experts'
+    ids and weights come from within the MoE block (the first scoring function; a per-expert
+    correction bias, a 1-D tensor of the block named `..._bias`, among their inputs), and from the
+    config (`spec.router_config`: group-limited top-k). e.g. "softmax", "sigmoid+bias grouped"."""
+    inside = set(region(graph, str(id(block))))
+    biases = {id(t) for n, t in (*block.named_parameters(), *block.named_buffers())
+              if not n.startswith("experts.") and n.rsplit(".", 1)[-1].endswith("_bias") and t.dim() == 1}
+    scoring, has_bias, seen, stack = [], False, set(), [ex[patterns.IDS], ex[patterns.WEIGHTS]]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            has_bias |= id(real_tensor(node)) in biases
+        elif node in inside:
+            if op_name(node) in _SCORING_OPS:
+                scoring.append(node)
+            stack.extend(node.all_input_nodes)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    names = [op_name(n) for n in sorted(scoring, key=order.__getitem__)]
+    kind = names[0] if names else "?"
+    if kind == "softplus" and any(op_name(n) == "sqrt" for n in seen if isinstance(n, fx.Node)):
+        kind = "sqrtsoftplus"
+    return kind + ("+bias" if has_bias else "") + (f" {spec.router_config}" if spec.router_config else "")
+
+
+def _check_router(ro: dict[str, fx.Node], block, spec: models.MoESpec) -> None:
     """The router's constants and tensors (its dataflow is the pattern's)."""
     gate = block.gate
     _expect(is_tensor(ro[patterns.GATE_WEIGHT], gate.weight), "router logits do not use gate.weight")
@@ -278,7 +315,7 @@ def _check_router(ro: dict[str, fx.Node], block, spec: hf.MoESpec) -> None:
             "routing weights are not scaled by a scalar (routed_scaling_factor)")
 
 
-def _check_experts(ex: dict[str, fx.Node], block, spec: hf.MoESpec):
+def _check_experts(ex: dict[str, fx.Node], block, spec: models.MoESpec):
     """The experts' constants and tensors; returns the SwiGLU clamp bound as traced."""
     experts = block.experts
     k = spec.top_k
@@ -318,12 +355,12 @@ def _check_experts(ex: dict[str, fx.Node], block, spec: hf.MoESpec):
     return limit
 
 
-def _check_finegrained_grouped(ex: dict[str, fx.Node], experts, spec: hf.MoESpec) -> None:
+def _check_finegrained_grouped(ex: dict[str, fx.Node], experts, spec: models.MoESpec) -> None:
     """Constants of `fp8_grouped_mm_experts_forward` (transformers' FP8Experts): both matmuls are
     the finegrained-fp8 kernel op that matches the weight format, on this module's own weights and
-    scales (the tensors `layouts.source_weights` reads), with the kernels' block size."""
+    scales (the tensors `models.fp8_checkpoints.checkpoint_weights` reads), with the kernels' block size."""
     expected_op = patterns.FINEGRAINED_GROUPED_MATMULS[spec.weight_format]
-    s1, s2 = hf.fp8_expert_scales(experts)
+    s1, s2 = models.fp8_checkpoints.checkpoint_scales(experts)
     hidden_value = ex[patterns.HIDDEN].meta.get("example_value")
     for mm in (ex["mm1"], ex["mm2"]):
         _expect(op_name(mm) == expected_op and op_namespace(mm).startswith(patterns.FINEGRAINED_FP8_NAMESPACE),
@@ -332,8 +369,8 @@ def _check_finegrained_grouped(ex: dict[str, fx.Node], experts, spec: hf.MoESpec
         _expect(not mm.kwargs, "expert matmul has keyword arguments")
         rest = list(mm.args[5:])
         if spec.weight_format == "fp8":
-            _expect(bool(rest) and int_list(rest.pop(0)) == list(hf.FP8_BLOCK),
-                    f"FP8 expert matmul block size is not {list(hf.FP8_BLOCK)}")
+            _expect(bool(rest) and int_list(rest.pop(0)) == list(models.fp8_checkpoints.fp8_block()),
+                    f"FP8 expert matmul block size is not {list(models.fp8_checkpoints.fp8_block())}")
         out_dtype = rest.pop(0) if rest else None
         _expect(not rest and (out_dtype is None or (hidden_value is not None and out_dtype == hidden_value.dtype)),
                 "expert matmul output dtype is not the activations' dtype")
@@ -342,7 +379,7 @@ def _check_finegrained_grouped(ex: dict[str, fx.Node], experts, spec: hf.MoESpec
     _expect(dim_arg(ex["weights_col"], 1, "dim") == -1, "routing weights are not a column of the sorted weights")
 
 
-def _check_sorted_dispatch(ex: dict[str, fx.Node], spec: hf.MoESpec) -> None:
+def _check_sorted_dispatch(ex: dict[str, fx.Node], spec: models.MoESpec) -> None:
     """grouped dispatch: ids sorted ascending, rows mapped back to tokens by perm // top_k,
     per-expert counts over exactly num_experts bins, int32 cumulative offsets."""
     k, num_experts = spec.top_k, spec.num_experts
@@ -369,7 +406,7 @@ def _check_restored_order(ex: dict[str, fx.Node]) -> None:
     _expect(len(ex["scatter"].args) == 3, "inverse permutation is not inv[perm] = arange")
 
 
-def _check_runtime(found: _Match, spec: hf.MoESpec, plan: state.LayerPlan) -> None:
+def _check_runtime(found: _Match, spec: models.MoESpec, plan: state.LayerPlan) -> None:
     hidden_node, ex = found.experts[patterns.HIDDEN], found.experts
     hidden = hidden_node.meta.get("example_value")
     if hidden is None:

@@ -72,9 +72,9 @@ class Layer:
         return out
 
     def spec(self, top_k: int):
-        from megamoe_compile import hf
+        from megamoe_compile import models
 
-        return hf.MoESpec(name="test", layer_index=None, router="topk", scoring_func="sqrtsoftplus", top_k=top_k,
+        return models.MoESpec(name="test", layer_index=None, router="topk", scoring_func="sqrtsoftplus", top_k=top_k,
                           num_experts=self.experts, hidden=self.hidden, intermediate=self.intermediate,
                           routed_scaling_factor=SCALE, swiglu_limit=LIMIT, experts_implementation="grouped_mm",
                           weight_format="dense", dtype=torch.bfloat16, device=torch.device("cuda", 0),

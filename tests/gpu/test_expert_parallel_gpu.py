@@ -75,7 +75,7 @@ def _worker(rank, world, directory):
         part = layouts.KernelWeights(q1, s1, q2, s2).experts(rank * local, (rank + 1) * local)
         weights = deepgemm.layout_weights("deepgemm_sm90", layouts.KernelWeights(
             *(t.contiguous() for t in part.tensors().values())))
-        from megamoe_compile.hf import MoESpec
+        from megamoe_compile.models import MoESpec
 
         spec = MoESpec("op", None, "topk", "sqrtsoftplus", TOP_K, local, HIDDEN, INTER, 1.5, 10.0,
                        "grouped_mm", "dense", torch.bfloat16, torch.device("cuda", rank), False)

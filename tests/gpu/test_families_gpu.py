@@ -17,7 +17,7 @@ from gpu_helpers import cos_diff, deepgemm_kernel_or_skip, op_diff
 from helpers import FAMILIES, VOCAB, family_model  # tests/ is on sys.path (tests/conftest.py)
 
 import megamoe_compile as mc
-from megamoe_compile import hf
+from megamoe_compile import models
 from megamoe_compile.ops import deepgemm, quant
 from megamoe_compile.ops.fused_moe import LayerShape, get_kernel
 from megamoe_compile.ops.layouts import KernelWeights
@@ -76,8 +76,8 @@ class SwigluLayer:
             out.index_add_(0, token, (h @ self.expert("w2", e).T) * topk_weights[token, slot, None])
         return out
 
-    def spec(self, top_k: int) -> hf.MoESpec:
-        return hf.MoESpec(name="test", layer_index=None, router="graph", scoring_func=None, top_k=top_k,
+    def spec(self, top_k: int) -> models.MoESpec:
+        return models.MoESpec(name="test", layer_index=None, router="graph", scoring_func=None, top_k=top_k,
                           num_experts=self.experts, hidden=self.hidden, intermediate=self.intermediate,
                           routed_scaling_factor=None, swiglu_limit=None, experts_implementation="grouped_mm",
                           weight_format="dense", dtype=torch.bfloat16, device=torch.device("cuda", 0),
@@ -206,7 +206,7 @@ def check_family_model(model_type: str, config: mc.MegaMoEConfig, device) -> dic
     positions = torch.tensor([cos_diff(out[b, s], eager[b, s]) for b in range(out.shape[0]) for s in range(out.shape[1])])
     shape = {"hidden": plans[0].spec.hidden, "intermediate": plans[0].spec.intermediate,
              "experts": plans[0].spec.num_experts, "top_k": plans[0].spec.top_k}
-    print(f"\n[model] {model_type} ({layers} MoE layers, {shape}, router {plans[0].spec.router_kind}) on "
+    print(f"\n[model] {model_type} ({layers} MoE layers, {shape}, router {be.fusions[0].router_kind}) on "
           f"{kernels}/{plans[0].recipe} vs HF eager bf16 logits: diff {diff:.2e} "
           f"(per position: median {positions.median():.2e}, max {positions.max():.2e})")
     return {"diff": diff, "median_position_diff": float(positions.median()), "kernels": kernels, "layers": layers, "shape": shape}
