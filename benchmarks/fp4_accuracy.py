@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 import megamoe_compile as mc
+from megamoe_compile import models
 from megamoe_compile.ops import layouts, quant
 
 RECIPES = ("none", "fp8", "fp8_fp4", "fp4_fp4")
@@ -140,7 +141,7 @@ def layer_diff(reference, fp32, recipe: str, seed: int, source: str = "dense") -
     if recipe == "fp32":
         got = fp32.model.layers[-1].mlp.experts(x.float(), indices, weights.float())
     else:
-        src = layouts.source_weights(block.experts, "dense")
+        src = models.fp8_checkpoints.checkpoint_weights(block.experts, "dense")
         if source == "mxfp4":  # lossless for weights already on the MXFP4 grid
             (p1, s1), (p2, s2) = (quant.quantize_mxfp4(t.float()) for t in (src.w1, src.w2))
             src = layouts.KernelWeights(p1, s1, p2, s2)

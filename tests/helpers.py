@@ -115,7 +115,7 @@ FAMILIES = {
     "deepseek_v3": (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                          n_shared_experts=1, routed_scaling_factor=2.5, **_MLA), "sigmoid+bias grouped", 1),
     "deepseek_v2": (dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-                         n_shared_experts=1, **_MLA), "softmax grouped", 1),
+                         n_shared_experts=1, topk_method="group_limited_greedy", **_MLA), "softmax grouped", 1),
     "qwen3_moe": (dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True), "softmax", 2),
     "qwen2_moe": (dict(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=64), "softmax", 2),
     "qwen3_next": (dict(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=64,

@@ -271,6 +271,14 @@ def test_the_router_is_described_from_its_traced_ops_not_its_source():
     assert all(f.fused for f in be.fusions)
 
 
+def test_a_greedy_router_over_groups_is_not_called_grouped_and_unfused_layers_name_their_router():
+    """DeepSeek-V2's topk_method="greedy" ignores n_group; a layer the config skips still shows its router."""
+    model = family_model("deepseek_v2", topk_method="greedy")
+    report = mc.explain(model, input_ids(), config=mc.MegaMoEConfig(skip_layers=[1], inner_backend="eager"))
+    (layer,) = report.layers
+    assert not layer.fused and layer.router == "deepseek_v2 softmax k=2", layer.router
+
+
 def fp8_family_checkpoint(path, model_type: str):
     """A family's FP8 block-quantized checkpoint as the Qwen/GLM/MiniMax/DeepSeek-V3 FP8 releases ship
     them: every linear (and per-expert projection) in float8_e4m3fn 128x128 blocks with float32

@@ -9,8 +9,6 @@ from . import fp8_checkpoints as fp8
 from .experts_interface import experts_problem
 from .spec import MoESpec, build_spec
 
-SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
-
 
 def v4_classes():
     """transformers' DeepSeek-V4 modeling module, or None when this transformers has none."""

@@ -81,10 +81,13 @@ def describe(name: str, block: torch.nn.Module) -> tuple[MoESpec | None, str]:
 
 def _router_config(gate, config) -> str:
     """What the config says of a graph router that its traced ops do not show plainly:
-    group-limited top-k (`n_group` > 1)."""
-    groups = next((g for g in (getattr(gate, "n_group", None), getattr(config, "n_group", None),
-                               getattr(config, "num_expert_group", None)) if g is not None), 1)
-    return "grouped" if int(groups) > 1 else ""
+    group-limited top-k (`n_group` > 1, unless `topk_method` is "greedy", which ignores groups)."""
+    groups = next((g for g in (getattr(gate, "n_group", None), getattr(gate, "num_group", None),
+                               getattr(config, "n_group", None), getattr(config, "num_expert_group", None))
+                   if g is not None), 1)
+    method = next((m for m in (getattr(gate, "topk_method", None), getattr(config, "topk_method", None))
+                   if m is not None), None)
+    return "grouped" if int(groups) > 1 and method != "greedy" else ""
 
 
 def unrecognised_moe_modules(model: torch.nn.Module, recognised: list[str]) -> list[tuple[str, str]]:

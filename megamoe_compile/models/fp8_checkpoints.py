@@ -26,11 +26,6 @@ def fp8_block() -> tuple[int, int]:
     return recipes.recipe(recipes.keeping("fp8")).scale_block
 
 
-def mxfp4_group() -> int:
-    """Values per UE8M0 scale along K of MXFP4 weights (the "mxfp4"-keeping recipe's grid): 32."""
-    return recipes.recipe(recipes.keeping("mxfp4")).scale_block[1]
-
-
 def fp8_integration():
     """transformers' fine-grained FP8 integration module (holds `FP8Experts`), or None."""
     try:
@@ -129,7 +124,7 @@ def fp8_experts_problem(experts: torch.nn.Module) -> str:
     w1, w2 = experts.gate_up_proj, experts.down_proj
     s1, s2 = checkpoint_scales(experts)
     if not isinstance(s1, torch.Tensor) or not isinstance(s2, torch.Tensor):
-        return "FP8 experts without gate_up_proj_scale_inv/down_proj_scale_inv"
+        return f"FP8 experts without scales for gate_up_proj/down_proj (looked for {list(_SCALE_NAMES)})"
     if w1.dim() != 3 or w2.dim() != 3 or w1.shape[0] != w2.shape[0]:
         return f"FP8 expert weights of shapes {tuple(w1.shape)}, {tuple(w2.shape)} are not [E, N, K]"
     if w1.dtype == torch.float8_e4m3fn and w2.dtype == torch.float8_e4m3fn:

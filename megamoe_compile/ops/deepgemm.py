@@ -374,9 +374,10 @@ class DeepGemmKernel(Kernel):
         """Lay recipe-format weights (plain [gate; up]) out for this kernel. Once per layer, at load
         time; the result stays on the weights' device."""
         recipe = self.checked_recipe(recipe)
+        api = self.api()
         if weights.w1_scale is None or weights.w2_scale is None:
             raise ValueError(f"megamoe: {self.name} needs scaled weights (recipe {self.default!r}); got no scales")
-        return self._layout(self.api(), weights, recipe)
+        return self._layout(api, weights, recipe)
 
     def _layout(self, api: _Api, weights: KernelWeights, recipe: str) -> KernelWeights:
         raise NotImplementedError
@@ -606,7 +607,8 @@ class DeepGemmSM100(DeepGemmKernel):
 
 def e8m0_to_float32(e: torch.Tensor) -> torch.Tensor:
     """UE8M0 scales as the float32 powers of two DeepGEMM's packers read (their exponent field is
-    the byte); float32 scales pass through."""
+    the byte); float32 scales pass through, other floating scales must be exact powers of two
+    (`quant.ue8m0_bytes`)."""
     return (e if e.dtype == torch.float32 else quant.e8m0_to_float(e)).contiguous()
 
 
@@ -624,9 +626,9 @@ register(DeepGemmSM100(SM100, ("fp8_fp4", "fp4_fp4"), default="fp8_fp4", plain_s
 
 # -- the module's small API (tests, benchmarks, users reserving ahead of prepare) ----------------
 
-def _kernel(name: str) -> DeepGemmKernel:
+def _kernel(name: str, caller: str = "deepgemm") -> DeepGemmKernel:
     if name not in KERNELS:
-        raise ValueError(f"megamoe: unknown DeepGEMM kernel {name!r}; one of {list(KERNELS)}")
+        raise ValueError(f"megamoe: {caller}: unknown DeepGEMM kernel {name!r}; one of {list(KERNELS)}")
     return get_kernel(name)
 
 
@@ -643,7 +645,7 @@ def recipe_problem(kernel: str, recipe: str) -> str:
 
 def layout_weights(kernel: str, weights: KernelWeights, recipe: str | None = None) -> KernelWeights:
     """`weights` (the recipe's plain layout) laid out for `kernel` (see its `_layout`)."""
-    k = _kernel(kernel)
+    k = _kernel(kernel, "layout_weights")
     return k.layout(weights, k.checked_recipe(recipe))
 
 

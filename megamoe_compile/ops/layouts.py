@@ -41,10 +41,13 @@ def scale_grid_problem(name: str, w: torch.Tensor, s: torch.Tensor, weight_forma
     rows, cols = r.scale_block
     *lead, n, k = w.shape
     k *= r.values_per_byte  # w's last dimension counts bytes
-    expected = (*lead, n // rows, k // cols) if n % rows == 0 and k % cols == 0 else None
-    if expected is None or tuple(s.shape) != expected:
+    unit = f"{rows}x{cols} {'block' if rows > 1 else 'group'}"
+    if n % rows or k % cols:
+        return f"{name} {tuple(w.shape)} ({weight_format}) is not a whole grid of {unit}s"
+    expected = (*lead, n // rows, k // cols)
+    if tuple(s.shape) != expected:
         return (f"{name} {tuple(w.shape)} ({weight_format}) has scales of shape {tuple(s.shape)}, expected "
-                f"{expected} (one scale per {rows}x{cols} {'block' if rows > 1 else 'group'})")
+                f"{expected} (one scale per {unit})")
     return ""
 
 

@@ -302,8 +302,8 @@ def ue8m0_bytes(scale: torch.Tensor, fn: str = "ue8m0_bytes", name: str = "scale
     raises (rounding another value to a power of two would silently change the weights)."""
     if scale.dtype in UE8M0_DTYPES:
         return scale.view(torch.uint8)
-    refused = (f"{fn}: {name} must be uint8 or float8_e8m0fnu UE8M0 exponent bytes, or floating exact powers "
-               f"of two in the UE8M0 range")
+    refused = (f"{fn}: {name} must be uint8 (or int8, float8_e8m0fnu) UE8M0 exponent bytes, or floating exact "
+               f"powers of two in the UE8M0 range")
     if not scale.is_floating_point():
         raise ValueError(f"{refused}; got {scale.dtype}")
     value = scale.float()

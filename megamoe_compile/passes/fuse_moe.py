@@ -141,6 +141,8 @@ def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module) -> LayerFusion:
     plan = state.plan_of(block)
     experts_key = str(id(block.experts))
     result = LayerFusion(plan.name, False, plan=plan, module_key=str(id(block)))
+    if plan.spec is not None and plan.spec.router == "graph":
+        result.router_kind = _traced_router(gm.graph, block, plan.spec)
     if not plan.fuse:
         result.reason = plan.reason
         return result
@@ -167,7 +169,6 @@ def _fuse_one(gm: fx.GraphModule, block: torch.nn.Module) -> LayerFusion:
                 result.needs_attention = plan.stale_seen = True
                 raise NoMatch(stale)
             found = _match(gm.graph, block, experts_key, spec)
-            result.router_kind = found.router_kind
             _check_runtime(found, spec, plan)
     except NoMatch as e:
         result.reason = str(e)
@@ -218,7 +219,6 @@ class _Match:
     router: dict[str, fx.Node]
     experts_region: list[fx.Node]
     swiglu_limit: object  # a float, or the graph node that holds it
-    router_kind: str = ""
 
 
 def _match(graph: fx.Graph, block, experts_key: str, spec: models.MoESpec) -> _Match:
@@ -251,22 +251,28 @@ def _match(graph: fx.Graph, block, experts_key: str, spec: models.MoESpec) -> _M
         _expect(ex[patterns.WEIGHTS] is ro["scaled"], "experts do not receive the router's weights")
         _expect(ex[patterns.IDS] is ro["indices"], "experts do not receive the router's indices")
     limit = _check_experts(ex, block, spec)
-    router_kind = _traced_router(graph, block, ex, spec) if spec.router == "graph" else ""
-    return _Match(ex, ro, experts_region, limit, router_kind)
+    return _Match(ex, ro, experts_region, limit)
 
 
 _SCORING_OPS = ("softmax", "sigmoid", "softplus")
 
 
-def _traced_router(graph: fx.Graph, block, ex: dict[str, fx.Node], spec: models.MoESpec) -> str:
-    """What another family's router computes, for the report: read from the traced ops the experts'
-    ids and weights come from within the MoE block (the first scoring function; a per-expert
-    correction bias, a 1-D tensor of the block named `..._bias`, among their inputs), and from the
-    config (`spec.router_config`: group-limited top-k). e.g. "softmax", "sigmoid+bias grouped"."""
+def _traced_router(graph: fx.Graph, block, spec: models.MoESpec) -> str:
+    """What another family's router computes, for the report (fused or not): read from the traced
+    ops within the MoE block that the experts' inputs (ids, weights, hidden states) come from (the
+    first scoring function; a per-expert correction bias, a tensor of the block named `..._bias`
+    with one row, among their inputs), and from the config (`spec.router_config`: group-limited
+    top-k). e.g. "softmax", "sigmoid+bias grouped"; "" when the experts are not in this graph."""
+    experts_region = region(graph, str(id(block.experts)))
+    if not experts_region:
+        return ""
     inside = set(region(graph, str(id(block))))
+    in_experts = set(experts_region)
     biases = {id(t) for n, t in (*block.named_parameters(), *block.named_buffers())
-              if not n.startswith("experts.") and n.rsplit(".", 1)[-1].endswith("_bias") and t.dim() == 1}
-    scoring, has_bias, seen, stack = [], False, set(), [ex[patterns.IDS], ex[patterns.WEIGHTS]]
+              if not n.startswith("experts.") and n.rsplit(".", 1)[-1].endswith("_bias") and t.dim() >= 1
+              and t.numel() == t.shape[-1]}
+    stack = [a for n in experts_region for a in n.all_input_nodes if a not in in_experts]
+    scoring, has_bias, seen = [], False, set()
     while stack:
         node = stack.pop()
         if not isinstance(node, fx.Node) or node in seen:
