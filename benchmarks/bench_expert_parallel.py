@@ -41,6 +41,7 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import cos_diff
 
 # NVLink multicast must stay off (the GPU machines set these too).
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -144,11 +145,6 @@ def ep_implementation(experts: torch.nn.Module) -> str:
         if type(obj).__name__.endswith("EP"):
             return type(obj).__name__
     return "unknown"
-
-
-def cos_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double(), y.double()
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
 
 
 # -- one rank ---------------------------------------------------------------------------------

@@ -38,16 +38,13 @@ import traceback
 import warnings
 
 import torch
+from common import log
 
 VARIANTS = ("hf_eager", "static_inductor", "static_megamoe")
 FULL = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
             num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936)
 DRY = dict(hidden_size=256, moe_intermediate_size=128, intermediate_size=256, num_experts=8, num_experts_per_tok=2,
            num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def build(layers: int, dry_run: bool, device: str):
