@@ -164,7 +164,8 @@ def _trace_artifacts(gm: fx.GraphModule, fusions: list[LayerFusion]) -> None:
 def fusion_record(f: LayerFusion) -> dict[str, Any]:
     """One layer of the fusion report as plain data (JSON)."""
     return {"name": f.name, "layer": f.layer_index, "fused": f.fused, "reason": f.reason,
-            "traced_as": f.traced_as, "kernel": f.kernel, "recipe": f.recipe, "notes": f.notes}
+            "traced_as": f.traced_as, "kernel": f.kernel, "recipe": f.recipe, "notes": f.notes,
+            "router_kind": f.router_kind}
 
 
 def backend(config: MegaMoEConfig | None = None, **fields: Any) -> MegaMoEBackend:
