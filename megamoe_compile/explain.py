@@ -40,7 +40,7 @@ class LayerReport(FusedPlanView):
         if spec is None:
             return "?"
         if spec.router == "graph":  # another family's router: graph code, not part of the fused region
-            return f"{spec.family} {self.router_kind or spec.router_config or '?'} k={spec.top_k}"
+            return f"{spec.family} {self.router_kind or '?'} k={spec.top_k}"
         kind = "top-k" if spec.router == "topk" else "hash"
         return f"{kind} {spec.scoring_func} k={spec.top_k} x{spec.routed_scaling_factor:g}"
 

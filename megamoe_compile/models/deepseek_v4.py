@@ -3,6 +3,8 @@ checks op by op and fuses with the experts; its experts compute a clamped SwiGLU
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import fp8_checkpoints as fp8
@@ -10,8 +12,10 @@ from .experts_interface import experts_problem
 from .spec import MoESpec, build_spec
 
 
+@functools.cache
 def v4_classes():
-    """transformers' DeepSeek-V4 modeling module, or None when this transformers has none."""
+    """transformers' DeepSeek-V4 modeling module, or None when this transformers has none (looked up
+    once: `find_moe_blocks` and the pass ask for every module and graph node)."""
     try:
         from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
     except ImportError:

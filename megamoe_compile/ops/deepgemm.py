@@ -226,11 +226,7 @@ class BufferKey:
     hidden: int
     intermediate: int
     max_tokens: int  # per rank, as asked (DeepGEMM may align its buffer up)
-    recipe: str = ""  # the kernel's default recipe when "" (SM100: FP8 or FP4 activation slots)
-
-    def __post_init__(self):
-        if not self.recipe:
-            object.__setattr__(self, "recipe", get_kernel(self.kernel).default if self.kernel in KERNELS else "")
+    recipe: str  # SM100: FP8 or FP4 activation slots
 
     def shape(self) -> tuple:
         """Everything but max_tokens: buffers of one shape serve the same layers."""
@@ -364,13 +360,14 @@ class DeepGemmKernel(Kernel):
     def checked_recipe(self, recipe: str | None) -> str:
         """`recipe` (None: the default), refused unless this kernel runs it."""
         recipe = recipe or self.default
-        if recipe not in self.recipes:
-            raise ValueError(f"megamoe: {self.name} supports recipes {list(self.recipes)}, not {recipe!r}")
+        why = self.refuses_recipe(recipe)
+        if why:
+            raise ValueError(f"megamoe: {why}")
         return recipe
 
     # -- what it needs before the first call (load time) -----------------------------------------------
 
-    def layout(self, weights: KernelWeights, recipe: str) -> KernelWeights:
+    def layout(self, weights: KernelWeights, recipe: str | None) -> KernelWeights:
         """Lay recipe-format weights (plain [gate; up]) out for this kernel. Once per layer, at load
         time; the result stays on the weights' device."""
         recipe = self.checked_recipe(recipe)
@@ -414,8 +411,7 @@ class DeepGemmKernel(Kernel):
             except Exception as e:
                 raise RuntimeError(f"megamoe: {key.kernel}: allocating the symmetric buffer for {key} failed with "
                                    f"{api.version}: {type(e).__name__}: {e}") from e
-        self.buffers.add(key, buffer)
-        self.launches.clear()
+        self.buffers.add(key, buffer)  # a new version: launch plans made before are made again
         log.info("megamoe: reserved %s symmetric buffer %s (%.1f MiB)", key.kernel, key, _buffer_bytes(buffer) / 2**20)
         return buffer
 
@@ -645,8 +641,7 @@ def recipe_problem(kernel: str, recipe: str) -> str:
 
 def layout_weights(kernel: str, weights: KernelWeights, recipe: str | None = None) -> KernelWeights:
     """`weights` (the recipe's plain layout) laid out for `kernel` (see its `_layout`)."""
-    k = _kernel(kernel, "layout_weights")
-    return k.layout(weights, k.checked_recipe(recipe))
+    return _kernel(kernel, "layout_weights").layout(weights, recipe)
 
 
 def reserve_buffer(kernel: str, shape: LayerShape, max_tokens_per_rank: int, group=None, recipe: str | None = None):
@@ -667,4 +662,3 @@ def release_buffers() -> None:
     process groups go). Graphs captured over them must not be replayed afterwards."""
     for name in KERNELS:
         _kernel(name).buffers.release()
-        _kernel(name).launches.clear()

@@ -266,28 +266,26 @@ def _traced_router(graph: fx.Graph, block, spec: models.MoESpec) -> str:
     experts_region = region(graph, str(id(block.experts)))
     if not experts_region:
         return ""
-    inside = set(region(graph, str(id(block))))
-    in_experts = set(experts_region)
+    block_region = region(graph, str(id(block)))  # in graph order
+    inside, in_experts = set(block_region), set(experts_region)
     biases = {id(t) for n, t in (*block.named_parameters(), *block.named_buffers())
               if not n.startswith("experts.") and n.rsplit(".", 1)[-1].endswith("_bias") and t.dim() >= 1
               and t.numel() == t.shape[-1]}
     stack = [a for n in experts_region for a in n.all_input_nodes if a not in in_experts]
-    scoring, has_bias, seen = [], False, set()
+    feeding, has_bias, seen = set(), False, set()
     while stack:
         node = stack.pop()
-        if not isinstance(node, fx.Node) or node in seen:
+        if node in seen:
             continue
         seen.add(node)
         if node.op == "placeholder":
             has_bias |= id(real_tensor(node)) in biases
         elif node in inside:
-            if op_name(node) in _SCORING_OPS:
-                scoring.append(node)
+            feeding.add(node)
             stack.extend(node.all_input_nodes)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    names = [op_name(n) for n in sorted(scoring, key=order.__getitem__)]
-    kind = names[0] if names else "?"
-    if kind == "softplus" and any(op_name(n) == "sqrt" for n in seen if isinstance(n, fx.Node)):
+    ops = [op_name(n) for n in block_region if n in feeding]
+    kind = next((op for op in ops if op in _SCORING_OPS), "?")
+    if kind == "softplus" and "sqrt" in ops:
         kind = "sqrtsoftplus"
     return kind + ("+bias" if has_bias else "") + (f" {spec.router_config}" if spec.router_config else "")
 
